@@ -1,0 +1,91 @@
+//! The in-process bus of the embedded default: one broadcast channel per topic
+//! with local subscribers.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use futures_util::stream;
+use tokio::sync::broadcast;
+
+use super::{Bus, BusError, BusSignal, BusStream, TraceHeaders};
+use crate::event::{Event, Topic};
+
+/// Events a subscriber may fall behind by before it is told it lost some.
+const CHANNEL_CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct MemoryBus {
+    topics: Arc<Mutex<HashMap<Topic, broadcast::Sender<Event>>>>,
+    signals: broadcast::Sender<BusSignal>,
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        MemoryBus {
+            topics: Arc::default(),
+            signals: broadcast::channel(64).0,
+        }
+    }
+}
+
+impl MemoryBus {
+    pub fn new() -> MemoryBus {
+        MemoryBus::default()
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(&self, event: &Event, _trace: &TraceHeaders) -> Result<(), BusError> {
+        // unwrap: the lock is never held across a panic point
+        let mut topics = self.topics.lock().unwrap();
+        if let Some(tx) = topics.get(&event.topic) {
+            if tx.send(event.clone()).is_err() {
+                // No receiver left: forget the topic until someone subscribes again.
+                topics.remove(&event.topic);
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &Topic) -> Result<BusStream, BusError> {
+        let rx = {
+            // unwrap: see publish
+            let mut topics = self.topics.lock().unwrap();
+            topics
+                .entry(topic.clone())
+                .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+                .subscribe()
+        };
+        let signals = self.signals.clone();
+        Ok(Box::pin(stream::unfold(
+            (rx, signals),
+            |(mut rx, signals)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(event) => return Some((event, (rx, signals))),
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let _ = signals.send(BusSignal::SlowConsumer);
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        )))
+    }
+
+    fn signals(&self) -> broadcast::Receiver<BusSignal> {
+        self.signals.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}

@@ -1,0 +1,228 @@
+//! Settings shared by every service: CLI flags, each with an environment
+//! fallback (`--bind` / `RT_BIND`, `--database-url` / `DATABASE_URL`, ...).
+//!
+//! Tests build [`Settings`] directly (`Settings { x, ..Settings::default() }`)
+//! instead of changing the process environment.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "RT_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: String,
+
+    /// Postgres (`postgres://...`) or SQLite (`sqlite://path`) URL of the event
+    /// log. Without it: an SQLite file in the data dir (the embedded default).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// NATS server URL(s), comma-separated. Without it: an in-process bus,
+    /// which only reaches subscribers inside this process.
+    #[arg(long, env = "RT_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// First token of every NATS subject (`<prefix>.events.<topic>`), so
+    /// several deployments can share one NATS.
+    #[arg(long, env = "RT_NATS_PREFIX", default_value = "rt")]
+    pub nats_prefix: String,
+
+    /// Directory of the embedded default's SQLite file.
+    #[arg(long, env = "RT_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// HS256 shared secret for JWT bearer tokens.
+    #[arg(long, env = "RT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with an RS256 (RSA) or ES256 (P-256) public key for JWT bearer tokens.
+    #[arg(long, env = "RT_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Allow requests without a token when no JWT key is configured, even on a
+    /// non-loopback address. Loopback binds allow them without this flag.
+    #[arg(long, env = "RT_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "RT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most events in one batch publish.
+    #[arg(long, env = "RT_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    pub max_batch_events: usize,
+
+    /// Drop events older than this (e.g. `7d`, `12h`, `30m`). None: keep by age forever.
+    #[arg(long, env = "RT_RETENTION_AGE", value_parser = parse_duration)]
+    pub retention_age: Option<Duration>,
+
+    /// Keep at most this many events per topic. None: no count limit.
+    #[arg(long, env = "RT_RETENTION_COUNT")]
+    pub retention_count: Option<u64>,
+
+    /// How often the pruning task applies the retention settings.
+    #[arg(long, env = "RT_PRUNE_INTERVAL", value_parser = parse_duration, default_value = "60s")]
+    pub prune_interval: Duration,
+
+    /// Most connections to the database.
+    #[arg(long, env = "RT_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+
+    /// How long a request waits for a database connection before answering 503.
+    #[arg(long, env = "RT_DB_ACQUIRE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub db_acquire_timeout: Duration,
+
+    /// How long start-up waits for the database and NATS to answer.
+    #[arg(long, env = "RT_STARTUP_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub startup_timeout: Duration,
+
+    /// Transactions the group committer runs at once (SQLite always uses one).
+    #[arg(long, env = "RT_COMMIT_WORKERS", default_value_t = 4)]
+    pub commit_workers: usize,
+
+    /// Most events one group commit takes.
+    #[arg(long, env = "RT_COMMIT_MAX_EVENTS", default_value_t = 2000)]
+    pub commit_max_events: usize,
+
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "RT_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+
+    /// How long a stopping server waits for requests in flight.
+    #[arg(long, env = "RT_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "RT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// OTLP/HTTP endpoint for trace export (e.g. `http://127.0.0.1:4318`). None: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            bind: "127.0.0.1:8080".into(),
+            database_url: None,
+            nats_url: None,
+            nats_prefix: "rt".into(),
+            data_dir: "data".into(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            allow_anonymous: false,
+            max_body_bytes: 1024 * 1024,
+            max_batch_events: 1000,
+            retention_age: None,
+            retention_count: None,
+            prune_interval: Duration::from_secs(60),
+            db_max_connections: 16,
+            db_acquire_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(30),
+            commit_workers: 4,
+            commit_max_events: 2000,
+            http_workers: None,
+            shutdown_timeout: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Whether `bind` is a loopback address (127.0.0.0/8, ::1 or localhost).
+    pub fn binds_loopback(&self) -> bool {
+        let host = match self.bind.rsplit_once(':') {
+            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => self.bind.as_str(),
+        };
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `12h`, `7d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 12h or 7d"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(n * secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    #[test]
+    fn defaults_match_the_flags_defaults() {
+        // Guards against the two lists of defaults drifting apart. Only valid
+        // when no RT_* variable is set in the test environment.
+        if std::env::vars().any(|(k, _)| k.starts_with("RT_") || k == "DATABASE_URL") {
+            return;
+        }
+        let parsed = Cli::try_parse_from(["x"]).unwrap().settings;
+        assert_eq!(parsed, Settings::default());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn loopback_binds_are_recognised() {
+        for (bind, want) in [
+            ("127.0.0.1:8080", true),
+            ("localhost:80", true),
+            ("[::1]:8080", true),
+            ("0.0.0.0:8080", false),
+            ("10.1.2.3:8080", false),
+        ] {
+            let s = Settings {
+                bind: bind.into(),
+                ..Settings::default()
+            };
+            assert_eq!(s.binds_loopback(), want, "{bind}");
+        }
+    }
+}

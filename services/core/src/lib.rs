@@ -1,0 +1,31 @@
+//! The library every realtime service shares.
+//!
+//! Layout:
+//! - [`event`]: topic names, events and the `topic:seq` position format;
+//! - [`error`]: the one API error type (HTTP status + JSON body);
+//! - [`config`]: settings, read from CLI flags with environment fallbacks;
+//! - [`store`]: the durable event log (Postgres, SQLite);
+//! - [`bus`]: the fast path between services (NATS, in-process);
+//! - [`publish`]: group commit into the store, then the bus;
+//! - [`auth`]: JWT bearer tokens and topic patterns;
+//! - [`telemetry`], [`metrics`], [`ops`]: logs and traces, Prometheus, health routes;
+//! - [`context`], [`server`]: what a service holds, and how it starts and stops.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod ops;
+pub mod proto;
+pub mod publish;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+pub use context::Context;
+pub use error::ApiError;
+pub use event::{Event, Position, Topic};

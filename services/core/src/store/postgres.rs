@@ -1,0 +1,277 @@
+//! The Postgres event log.
+
+use std::{collections::HashMap, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    PgPool, Row,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use super::{
+    Appended, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, event_from_row,
+    sorted_topics,
+};
+use crate::event::{NewEvent, Topic};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects (retrying until `startup_timeout`) and applies the embedded
+    /// migrations under sqlx's migration lock, so replicas may start together.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+        startup_timeout: Duration,
+    ) -> anyhow::Result<PgStore> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(options);
+        let deadline = tokio::time::Instant::now() + startup_timeout;
+        loop {
+            match MIGRATOR.run(&pool).await {
+                Ok(()) => return Ok(PgStore { pool }),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "waiting for Postgres");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => anyhow::bail!("cannot prepare the Postgres event log: {e}"),
+            }
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn append(
+        &self,
+        events: &[NewEvent],
+        time: DateTime<Utc>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let topics: Vec<String> = sorted_topics(events)
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let mut tx = self.pool.begin().await?;
+
+        sqlx::query(
+            "INSERT INTO rt_topics (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&topics)
+        .execute(&mut *tx)
+        .await?;
+        // Lock the topics' rows in name order: this orders commits per topic.
+        let rows = sqlx::query(
+            "SELECT name, last_seq FROM rt_topics WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+        )
+        .bind(&topics)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut last = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.get(0);
+            let seq: i64 = row.get(1);
+            let topic = Topic::parse(&name).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            last.insert(topic, seq as u64);
+        }
+
+        let existing = existing_keys(&mut tx, events).await?;
+        let appended = assign_seqs(events, &mut last, &existing);
+
+        let fresh = events.iter().zip(&appended).filter(|(_, a)| !a.duplicate);
+        let (mut t, mut s, mut ty, mut d, mut k) = (vec![], vec![], vec![], vec![], vec![]);
+        for (e, a) in fresh {
+            t.push(e.topic.as_str());
+            s.push(a.seq as i64);
+            ty.push(e.event_type.as_str());
+            d.push(e.data.get());
+            k.push(e.idempotency_key.as_deref());
+        }
+        if !t.is_empty() {
+            sqlx::query(
+                "INSERT INTO rt_events (topic, seq, type, data, time, idempotency_key)
+                 SELECT t, s, ty, d, $5, k
+                 FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $6::text[]) AS v(t, s, ty, d, k)",
+            )
+            .bind(&t)
+            .bind(&s)
+            .bind(&ty)
+            .bind(&d)
+            .bind(time)
+            .bind(&k)
+            .execute(&mut *tx)
+            .await?;
+            let (names, lasts): (Vec<&str>, Vec<i64>) =
+                last.iter().map(|(t, s)| (t.as_str(), *s as i64)).unzip();
+            sqlx::query(
+                "UPDATE rt_topics SET last_seq = v.last
+                 FROM unnest($1::text[], $2::int8[]) AS v(name, last)
+                 WHERE rt_topics.name = v.name AND rt_topics.last_seq <> v.last",
+            )
+            .bind(&names)
+            .bind(&lasts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(appended)
+    }
+
+    async fn read(&self, topic: &Topic, after: u64, limit: u32) -> Result<ReadResult, StoreError> {
+        // One snapshot for counters and rows, so a concurrent prune cannot
+        // make them disagree.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let head = sqlx::query("SELECT low_seq, last_seq FROM rt_topics WHERE name = $1")
+            .bind(topic.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| TopicHead {
+                low_seq: r.get::<i64, _>(0) as u64,
+                last_seq: r.get::<i64, _>(1) as u64,
+            })
+            .unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT seq, type, data, time FROM rt_events
+             WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(topic.as_str())
+        .bind(after.min(i64::MAX as u64) as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let events = rows
+            .into_iter()
+            .map(|r| event_from_row(topic, r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect::<Result<_, _>>()?;
+        Ok(ReadResult { events, head })
+    }
+
+    async fn heads(&self, topics: &[Topic]) -> Result<HashMap<Topic, TopicHead>, StoreError> {
+        let names: Vec<&str> = topics.iter().map(Topic::as_str).collect();
+        let rows =
+            sqlx::query("SELECT name, low_seq, last_seq FROM rt_topics WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut heads: HashMap<Topic, TopicHead> = topics
+            .iter()
+            .map(|t| (t.clone(), TopicHead::default()))
+            .collect();
+        for row in rows {
+            let name: String = row.get(0);
+            if let Ok(topic) = Topic::parse(&name) {
+                heads.insert(
+                    topic,
+                    TopicHead {
+                        low_seq: row.get::<i64, _>(1) as u64,
+                        last_seq: row.get::<i64, _>(2) as u64,
+                    },
+                );
+            }
+        }
+        Ok(heads)
+    }
+
+    async fn prune(&self, retention: Retention) -> Result<u64, StoreError> {
+        if retention.is_unlimited() {
+            return Ok(0);
+        }
+        let count = retention.max_count.map(|c| c.min(i64::MAX as u64) as i64);
+        let cutoff = retention.age_cutoff();
+        // Which topics have events to drop, and the new lowest readable seq.
+        let candidates = sqlx::query(
+            "SELECT name, new_low FROM (
+                 SELECT t.name, t.low_seq, GREATEST(
+                     CASE WHEN $1::int8 IS NULL THEN 0 ELSE t.last_seq - $1 + 1 END,
+                     CASE WHEN $2::timestamptz IS NULL THEN 0 ELSE COALESCE(
+                         (SELECT max(e.seq) + 1 FROM rt_events e WHERE e.topic = t.name AND e.time < $2), 0) END
+                 ) AS new_low
+                 FROM rt_topics t
+             ) c WHERE new_low > low_seq",
+        )
+        .bind(count)
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut removed = 0;
+        // One statement per topic: it locks one topic row only, so it cannot
+        // deadlock with group commits, which lock several in name order.
+        for row in candidates {
+            let name: String = row.get(0);
+            let new_low: i64 = row.get(1);
+            let done = sqlx::query(
+                "WITH moved AS (
+                     UPDATE rt_topics SET low_seq = GREATEST(low_seq, $2) WHERE name = $1 RETURNING low_seq
+                 )
+                 DELETE FROM rt_events WHERE topic = $1 AND seq < (SELECT low_seq FROM moved)",
+            )
+            .bind(&name)
+            .bind(new_low)
+            .execute(&self.pool)
+            .await?;
+            removed += done.rows_affected();
+        }
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+}
+
+/// Seqs already stored for the batch's idempotency keys.
+async fn existing_keys(
+    tx: &mut sqlx::PgConnection,
+    events: &[NewEvent],
+) -> Result<HashMap<(Topic, String), u64>, StoreError> {
+    let (topics, keys): (Vec<&str>, Vec<&str>) = events
+        .iter()
+        .filter_map(|e| Some((e.topic.as_str(), e.idempotency_key.as_deref()?)))
+        .unzip();
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT e.topic, e.idempotency_key, e.seq FROM rt_events e
+         JOIN unnest($1::text[], $2::text[]) AS k(topic, key)
+           ON e.topic = k.topic AND e.idempotency_key = k.key",
+    )
+    .bind(&topics)
+    .bind(&keys)
+    .fetch_all(tx)
+    .await?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let topic: String = row.get(0);
+        let topic = Topic::parse(&topic).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        found.insert(
+            (topic, row.get::<String, _>(1)),
+            row.get::<i64, _>(2) as u64,
+        );
+    }
+    Ok(found)
+}

@@ -1,0 +1,232 @@
+//! The SQLite event log of the embedded default: one file, one writer at a
+//! time (`BEGIN IMMEDIATE`), readers alongside it in WAL mode.
+
+use std::{collections::HashMap, path::Path, str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    Row, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use super::{
+    Appended, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, event_from_row,
+    sorted_topics,
+};
+use crate::event::{NewEvent, Topic};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the SQLite file at `path`.
+    pub async fn open_file(path: &Path, acquire_timeout: Duration) -> anyhow::Result<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", dir.display()))?;
+        }
+        Self::open(SqliteConnectOptions::new().filename(path), acquire_timeout).await
+    }
+
+    /// Opens an `sqlite://...` URL.
+    pub async fn open_url(url: &str, acquire_timeout: Duration) -> anyhow::Result<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| anyhow::anyhow!("not a valid SQLite URL {url:?}: {e}"))?;
+        Self::open(options, acquire_timeout).await
+    }
+
+    async fn open(
+        options: SqliteConnectOptions,
+        acquire_timeout: Duration,
+    ) -> anyhow::Result<SqliteStore> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the SQLite event log: {e}"))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot prepare the SQLite event log: {e}"))?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn head_from(low: i64, last: i64) -> TopicHead {
+    TopicHead {
+        low_seq: low as u64,
+        last_seq: last as u64,
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(
+        &self,
+        events: &[NewEvent],
+        time: DateTime<Utc>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut last = HashMap::new();
+        for topic in sorted_topics(events) {
+            sqlx::query("INSERT INTO rt_topics (name) VALUES (?1) ON CONFLICT DO NOTHING")
+                .bind(topic.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let seq: i64 = sqlx::query_scalar("SELECT last_seq FROM rt_topics WHERE name = ?1")
+                .bind(topic.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            last.insert(topic, seq as u64);
+        }
+        let mut existing = HashMap::new();
+        for e in events {
+            let Some(key) = &e.idempotency_key else {
+                continue;
+            };
+            let seq: Option<i64> = sqlx::query_scalar(
+                "SELECT seq FROM rt_events WHERE topic = ?1 AND idempotency_key = ?2",
+            )
+            .bind(e.topic.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(seq) = seq {
+                existing.insert((e.topic.clone(), key.clone()), seq as u64);
+            }
+        }
+        let appended = assign_seqs(events, &mut last, &existing);
+        for (e, a) in events.iter().zip(&appended).filter(|(_, a)| !a.duplicate) {
+            sqlx::query(
+                "INSERT INTO rt_events (topic, seq, type, data, time_us, idempotency_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(e.topic.as_str())
+            .bind(a.seq as i64)
+            .bind(&e.event_type)
+            .bind(e.data.get())
+            .bind(micros(time))
+            .bind(e.idempotency_key.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (topic, seq) in &last {
+            sqlx::query("UPDATE rt_topics SET last_seq = ?2 WHERE name = ?1 AND last_seq <> ?2")
+                .bind(topic.as_str())
+                .bind(*seq as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(appended)
+    }
+
+    async fn read(&self, topic: &Topic, after: u64, limit: u32) -> Result<ReadResult, StoreError> {
+        // A read transaction gives both queries one snapshot in WAL mode.
+        let mut tx = self.pool.begin().await?;
+        let head = sqlx::query("SELECT low_seq, last_seq FROM rt_topics WHERE name = ?1")
+            .bind(topic.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| head_from(r.get(0), r.get(1)))
+            .unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT seq, type, data, time_us FROM rt_events
+             WHERE topic = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )
+        .bind(topic.as_str())
+        .bind(after.min(i64::MAX as u64) as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let events = rows
+            .into_iter()
+            .map(|r| event_from_row(topic, r.get(0), r.get(1), r.get(2), from_micros(r.get(3))))
+            .collect::<Result<_, _>>()?;
+        Ok(ReadResult { events, head })
+    }
+
+    async fn heads(&self, topics: &[Topic]) -> Result<HashMap<Topic, TopicHead>, StoreError> {
+        let mut heads = HashMap::with_capacity(topics.len());
+        let mut conn = self.pool.acquire().await?;
+        for topic in topics {
+            let head = sqlx::query("SELECT low_seq, last_seq FROM rt_topics WHERE name = ?1")
+                .bind(topic.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|r| head_from(r.get(0), r.get(1)))
+                .unwrap_or_default();
+            heads.insert(topic.clone(), head);
+        }
+        Ok(heads)
+    }
+
+    async fn prune(&self, retention: Retention) -> Result<u64, StoreError> {
+        if retention.is_unlimited() {
+            return Ok(0);
+        }
+        let count = retention.max_count.map(|c| c.min(i64::MAX as u64) as i64);
+        let cutoff = retention.age_cutoff().map(micros);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT name, low_seq, max(
+                 CASE WHEN ?1 IS NULL THEN 0 ELSE last_seq - ?1 + 1 END,
+                 CASE WHEN ?2 IS NULL THEN 0 ELSE COALESCE(
+                     (SELECT max(e.seq) + 1 FROM rt_events e WHERE e.topic = t.name AND e.time_us < ?2), 0) END
+             ) FROM rt_topics t",
+        )
+        .bind(count)
+        .bind(cutoff)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut removed = 0;
+        for row in rows {
+            let (name, low, new_low): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            if new_low <= low {
+                continue;
+            }
+            sqlx::query("UPDATE rt_topics SET low_seq = ?2 WHERE name = ?1")
+                .bind(&name)
+                .bind(new_low)
+                .execute(&mut *tx)
+                .await?;
+            let done = sqlx::query("DELETE FROM rt_events WHERE topic = ?1 AND seq < ?2")
+                .bind(&name)
+                .bind(new_low)
+                .execute(&mut *tx)
+                .await?;
+            removed += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+}
