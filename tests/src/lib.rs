@@ -1,1 +1,277 @@
+//! Test support: real PostgreSQL databases, NATS subject prefixes, running
+//! services on free ports, and a TCP proxy that can cut a connection.
+//!
+//! Services come from the environment the README's test command prepares
+//! (`RT_TEST_DATABASE_URL`, `RT_TEST_NATS_URL`); a test that cannot reach
+//! them fails and says how to start them.
 
+pub mod proxy;
+
+use std::{sync::Once, time::Duration};
+
+use actix_web::dev::ServerHandle;
+use rt_core::{Context, config::Settings, server::Application};
+use sqlx::{Connection, Executor, PgConnection};
+
+pub use proxy::TcpProxy;
+
+const HOW_TO_START: &str =
+    "start PostgreSQL and NATS with `bash scripts/services.sh` (the README's test command does it)";
+
+/// The Postgres server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("RT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The NATS server tests use, each under its own subject prefix.
+pub fn nats_url() -> String {
+    std::env::var("RT_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A subject prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("t{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Sets up tracing once per test binary: quiet unless `RT_LOG` is set; spans
+/// are always recorded so trace context propagates.
+pub fn init_telemetry() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let guard = rt_core::telemetry::init("tests", &Settings::default(), "off")
+            .expect("telemetry set up once");
+        std::mem::forget(guard);
+    });
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let admin = postgres_admin_url();
+        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at {admin}: {e}; {HOW_TO_START}")
+        });
+        let name = format!("rt_test_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .expect("create test database");
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        TestDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A direct connection, for checking what was committed.
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut conn = PgConnection::connect(&postgres_admin_url()).await?;
+                conn.execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+            .map_err(std::io::Error::other)
+        })
+        .join();
+    }
+}
+
+/// A NATS client for watching what services put on the bus.
+pub async fn nats_client() -> async_nats::Client {
+    let url = nats_url();
+    tokio::time::timeout(Duration::from_secs(5), async_nats::connect(&url))
+        .await
+        .unwrap_or_else(|_| panic!("NATS at {url} did not answer; {HOW_TO_START}"))
+        .unwrap_or_else(|e| panic!("NATS is not reachable at {url}: {e}; {HOW_TO_START}"))
+}
+
+/// Settings for a service on a free port over Postgres `database_url` and NATS.
+pub fn distributed_settings(database_url: &str, prefix: &str) -> Settings {
+    Settings {
+        bind: "127.0.0.1:0".into(),
+        database_url: Some(database_url.to_owned()),
+        nats_url: Some(nats_url()),
+        nats_prefix: prefix.to_owned(),
+        http_workers: Some(2),
+        db_acquire_timeout: Duration::from_secs(2),
+        startup_timeout: Duration::from_secs(10),
+        ..Settings::default()
+    }
+}
+
+/// Settings for the embedded default (SQLite in `dir`, in-process bus) on a free port.
+pub fn embedded_settings(dir: &std::path::Path) -> Settings {
+    Settings {
+        bind: "127.0.0.1:0".into(),
+        data_dir: dir.to_owned(),
+        http_workers: Some(2),
+        ..Settings::default()
+    }
+}
+
+/// Which engines a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engines {
+    /// Postgres + NATS, as deployed.
+    Distributed,
+    /// SQLite + in-process bus, as `realtime` runs with no flags.
+    Embedded,
+}
+
+/// A service running on a free port, stopped when dropped.
+pub struct TestApp {
+    pub base: String,
+    pub ctx: Context,
+    pub http: reqwest::Client,
+    pub prefix: String,
+    pub db: Option<TestDb>,
+    handle: ServerHandle,
+    _dir: Option<TempDir>,
+}
+
+impl TestApp {
+    /// Starts the all-in-one routes on the given engines, with `tweak` applied
+    /// to the settings.
+    pub async fn spawn(engines: Engines, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        init_telemetry();
+        let prefix = unique_prefix();
+        let (mut settings, db, dir) = match engines {
+            Engines::Distributed => {
+                let db = TestDb::create().await;
+                (distributed_settings(&db.url, &prefix), Some(db), None)
+            }
+            Engines::Embedded => {
+                let dir = TempDir::new();
+                (embedded_settings(&dir.0), None, Some(dir))
+            }
+        };
+        tweak(&mut settings);
+        let ctx = Context::connect(settings).await.expect("service context");
+        Self::serve(ctx, prefix, db, dir)
+    }
+
+    /// Serves an already built context (tests that wrap the store or bus).
+    pub fn serve(
+        ctx: Context,
+        prefix: String,
+        db: Option<TestDb>,
+        dir: Option<TempDir>,
+    ) -> TestApp {
+        let app = Application::build(ctx.clone(), rt_publisher::configure).expect("bind");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let handle = app.handle();
+        tokio::spawn(app.run_until_stopped());
+        TestApp {
+            base,
+            ctx,
+            http: reqwest::Client::new(),
+            prefix,
+            db,
+            handle,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST /v1/topics/{topic}/events` with a JSON body.
+    pub async fn publish(&self, topic: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/v1/topics/{topic}/events")))
+            .json(body)
+            .send()
+            .await
+            .expect("publish request")
+    }
+
+    /// Publishes `data` and returns its seq, failing the test on any error.
+    pub async fn publish_ok(&self, topic: &str, data: serde_json::Value) -> u64 {
+        let res = self
+            .publish(topic, &serde_json::json!({"data": data}))
+            .await;
+        let status = res.status();
+        let body: serde_json::Value = res.json().await.expect("JSON answer");
+        assert_eq!(status, 201, "publish to {topic} failed: {body}");
+        body["seq"].as_u64().expect("seq in answer")
+    }
+
+    /// Stops the server, finishing requests in flight.
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        drop(self.handle.stop(false));
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("rt-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads a JSON error body and returns its `code`, failing if it is not
+/// the contract's `{"error": {"code", "message"}}`.
+pub async fn error_code(res: reqwest::Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    let body: serde_json::Value = res.json().await.expect("error answer is JSON");
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.code in {body}"))
+        .to_owned();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "no error.message in {body}"
+    );
+    (status, code)
+}

@@ -82,7 +82,7 @@ pub async fn run_service<F>(
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
-    let _telemetry = telemetry::init(name, &settings)?;
+    let _telemetry = telemetry::init(name, &settings, "info")?;
     let ctx = Context::connect(settings).await?;
     let (store, bus, bind) = (ctx.store.kind(), ctx.bus.kind(), ctx.settings.bind.clone());
     let app = Application::build(ctx, configure)?;

@@ -14,7 +14,9 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 use crate::{
     bus::TraceHeaders,
@@ -35,8 +37,14 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber and tracer provider for `service`.
-pub fn init(service: &'static str, settings: &Settings) -> anyhow::Result<TelemetryGuard> {
+/// Installs the global subscriber and tracer provider for `service`. Logs are
+/// filtered by `RT_LOG`, else `default_filter`; spans for traces are kept at
+/// info level whatever the log filter, so trace context always propagates.
+pub fn init(
+    service: &'static str,
+    settings: &Settings,
+    default_filter: &str,
+) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service).build());
@@ -51,18 +59,24 @@ pub fn init(service: &'static str, settings: &Settings) -> anyhow::Result<Teleme
     }
     let provider = builder.build();
     global::set_tracer_provider(provider.clone());
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
-    let filter = EnvFilter::try_from_env("RT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service))
+        .with_filter(LevelFilter::INFO);
+    let filter =
+        || EnvFilter::try_from_env("RT_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let registry = tracing_subscriber::registry().with(otel);
     let result = match settings.log_format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_current_span(false),
+                    .with_current_span(false)
+                    .with_filter(filter()),
             )
             .try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(filter()))
+            .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("telemetry is already set up: {e}"))?;
     Ok(TelemetryGuard { provider })

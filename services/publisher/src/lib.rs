@@ -26,7 +26,7 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// services can serve GET on the same paths in the all-in-one process.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/v1/topics/{topic}/events")
+        web::resource("/v1/topics/{topic:[^/]*}/events")
             .guard(guard::Post())
             .route(web::post().to(publish_one)),
     )

@@ -1,0 +1,8 @@
+//! End-to-end tests of the spine against real PostgreSQL and NATS, and the
+//! embedded default (SQLite + in-process bus).
+
+mod auth;
+mod bad_input;
+mod outage;
+mod publish;
+mod retention;
