@@ -42,11 +42,11 @@ impl Bus for MemoryBus {
     async fn publish(&self, event: &Event, _trace: &TraceHeaders) -> Result<(), BusError> {
         // unwrap: the lock is never held across a panic point
         let mut topics = self.topics.lock().unwrap();
-        if let Some(tx) = topics.get(&event.topic) {
-            if tx.send(event.clone()).is_err() {
-                // No receiver left: forget the topic until someone subscribes again.
-                topics.remove(&event.topic);
-            }
+        if let Some(tx) = topics.get(&event.topic)
+            && tx.send(event.clone()).is_err()
+        {
+            // No receiver left: forget the topic until someone subscribes again.
+            topics.remove(&event.topic);
         }
         Ok(())
     }
