@@ -47,6 +47,9 @@ pub(crate) struct Args {
     /// Runs per scenario; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Group-commit workers of the publisher under test.
+    #[arg(long, default_value_t = Settings::default().commit_workers)]
+    commit_workers: usize,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -72,6 +75,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         database_url: Some(db.url.clone()),
         nats_url: args.nats_url.clone(),
         nats_prefix: format!("bench{}", uuid::Uuid::new_v4().simple()),
+        commit_workers: args.commit_workers,
         ..Settings::default()
     };
     let ctx = Context::connect(settings).await?;

@@ -56,6 +56,72 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// The common case, no idempotency keys: one statement, one round trip.
+    /// Each topic's row is created or locked (in name order) and advanced by
+    /// its event count; the events take the seqs just below the new
+    /// `last_seq`, in input order. The statement is its own transaction.
+    async fn append_unkeyed(
+        &self,
+        events: &[NewEvent],
+        time: DateTime<Utc>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let (mut t, mut ty, mut d) = (vec![], vec![], vec![]);
+        for e in events {
+            t.push(e.topic.as_str());
+            ty.push(e.event_type.as_str());
+            d.push(e.data.get());
+        }
+        let rows = sqlx::query(
+            "WITH v AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS v(topic, type, data, ord)
+             ), counts AS (
+                 SELECT topic, count(*) AS n FROM v GROUP BY topic
+             ), heads AS (
+                 INSERT INTO rt_topics (name, last_seq) SELECT topic, n FROM counts ORDER BY topic
+                 ON CONFLICT (name) DO UPDATE SET last_seq = rt_topics.last_seq + EXCLUDED.last_seq
+                 RETURNING name, last_seq
+             ), inserted AS (
+                 INSERT INTO rt_events (topic, seq, type, data, time)
+                 SELECT v.topic, h.last_seq - c.n + row_number() OVER (PARTITION BY v.topic ORDER BY v.ord),
+                        v.type, v.data, $4
+                 FROM v JOIN counts c ON c.topic = v.topic JOIN heads h ON h.name = v.topic
+             )
+             SELECT name, last_seq FROM heads",
+        )
+        .bind(&t)
+        .bind(&ty)
+        .bind(&d)
+        .bind(time)
+        .fetch_all(&self.pool)
+        .await?;
+        // The first seq of each topic in this batch, counted the same way as above.
+        let mut counts: HashMap<&str, u64> = HashMap::new();
+        for topic in &t {
+            *counts.entry(topic).or_default() += 1;
+        }
+        let mut next: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.get(0);
+            let last = row.get::<i64, _>(1) as u64;
+            let n = counts.get(name.as_str()).copied().unwrap_or(0);
+            next.insert(name, last - n + 1);
+        }
+        t.iter()
+            .map(|topic| {
+                let seq = next.get_mut(*topic).ok_or_else(|| {
+                    StoreError::Corrupt(format!("no counter returned for topic {topic}"))
+                })?;
+                *seq += 1;
+                Ok(Appended {
+                    seq: *seq - 1,
+                    duplicate: false,
+                })
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn append(
@@ -63,6 +129,9 @@ impl Store for PgStore {
         events: &[NewEvent],
         time: DateTime<Utc>,
     ) -> Result<Vec<Appended>, StoreError> {
+        if events.iter().all(|e| e.idempotency_key.is_none()) {
+            return self.append_unkeyed(events, time).await;
+        }
         let topics: Vec<String> = sorted_topics(events)
             .iter()
             .map(|t| t.to_string())
