@@ -49,11 +49,18 @@ pub fn init_telemetry() {
 pub struct TestDb {
     pub url: String,
     name: String,
+    admin: String,
 }
 
 impl TestDb {
+    /// A fresh database on the tests' Postgres server.
     pub async fn create() -> TestDb {
-        let admin = postgres_admin_url();
+        TestDb::create_on(&postgres_admin_url()).await
+    }
+
+    /// A fresh database on the server of `admin` (a URL to any database there).
+    pub async fn create_on(admin: &str) -> TestDb {
+        let admin = admin.to_owned();
         let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
             panic!("PostgreSQL is not reachable at {admin}: {e}; {HOW_TO_START}")
         });
@@ -65,6 +72,7 @@ impl TestDb {
         TestDb {
             url: format!("{base}/{name}"),
             name,
+            admin,
         }
     }
 
@@ -82,14 +90,14 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (name, admin) = (self.name.clone(), self.admin.clone());
         // Drop runs inside the test's runtime: use a thread with its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let mut conn = PgConnection::connect(&postgres_admin_url()).await?;
+                let mut conn = PgConnection::connect(&admin).await?;
                 conn.execute(sqlx::AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
                 )))

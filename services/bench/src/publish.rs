@@ -15,7 +15,7 @@ use std::{
 use hdrhistogram::Histogram;
 use rt_core::{Context, config::Settings, server::Application};
 use serde_json::json;
-use sqlx::{Connection, Executor, PgConnection, postgres::PgPoolOptions};
+use sqlx::{Executor, postgres::PgPoolOptions};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -64,7 +64,8 @@ struct Figure {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let db = BenchDb::create(&args.database_url).await?;
+    // A database of the bench's own, dropped at the end.
+    let db = rt_tests::TestDb::create_on(&args.database_url).await;
     let mut figures = Vec::new();
 
     let raw = median(&args, "raw batched INSERT", |_| raw_insert(&db.url, &args)).await?;
@@ -260,50 +261,5 @@ fn print_report(args: &Args, figures: &[Figure]) {
                 "p50_ms": f.p50_ms, "p99_ms": f.p99_ms, "events": args.events, "runs": args.runs,
             })
         );
-    }
-}
-
-/// A database of the bench's own, dropped at the end.
-struct BenchDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl BenchDb {
-    async fn create(admin: &str) -> anyhow::Result<BenchDb> {
-        let mut conn = PgConnection::connect(admin)
-            .await
-            .map_err(|e| anyhow::anyhow!("Postgres is not reachable at {admin}: {e}"))?;
-        let name = format!("rt_bench_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await?;
-        let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
-        Ok(BenchDb {
-            admin: admin.to_owned(),
-            url: format!("{base}/{name}"),
-            name,
-        })
-    }
-}
-
-impl Drop for BenchDb {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut conn = PgConnection::connect(&admin).await?;
-                conn.execute(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .await?;
-                Ok::<_, sqlx::Error>(())
-            })
-            .map_err(std::io::Error::other)
-        })
-        .join();
     }
 }
