@@ -17,7 +17,7 @@ use rt_core::{
     telemetry::current_trace_headers,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{json, value::RawValue};
+use serde_json::value::RawValue;
 
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -51,6 +51,12 @@ impl<'a> From<&'a Published> for Ack<'a> {
             seq: p.seq,
         }
     }
+}
+
+/// The answer for a batch: `{"events": [{"topic","seq"}, ...]}` in request order.
+#[derive(Debug, Serialize)]
+struct BatchAck<'a> {
+    events: Vec<Ack<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,8 +127,8 @@ async fn publish_batch(
     }
     let published = publish(&ctx, events).await?;
     let replayed = published.iter().all(|p| p.duplicate);
-    let acks: Vec<Ack> = published.iter().map(Ack::from).collect();
-    Ok(created(replayed).json(json!({"events": acks})))
+    let events = published.iter().map(Ack::from).collect();
+    Ok(created(replayed).json(BatchAck { events }))
 }
 
 fn new_event(
