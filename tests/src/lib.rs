@@ -5,14 +5,19 @@
 //! (`RT_TEST_DATABASE_URL`, `RT_TEST_NATS_URL`); a test that cannot reach
 //! them fails and says how to start them.
 
+pub mod lossy;
 pub mod proxy;
 
-use std::{sync::Once, time::Duration};
+use std::{
+    sync::{Arc, Once},
+    time::Duration,
+};
 
 use actix_web::dev::ServerHandle;
-use rt_core::{Context, config::Settings, server::Application};
+use rt_core::{Context, bus::Bus, config::Settings, server::Application};
 use sqlx::{Connection, Executor, PgConnection};
 
+pub use lossy::LossyBus;
 pub use proxy::TcpProxy;
 
 const HOW_TO_START: &str =
@@ -27,6 +32,12 @@ pub fn postgres_admin_url() -> String {
 /// The NATS server tests use, each under its own subject prefix.
 pub fn nats_url() -> String {
     std::env::var("RT_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// Every service's routes, as the all-in-one `realtime` binary mounts them.
+pub fn configure_all(cfg: &mut actix_web::web::ServiceConfig) {
+    rt_publisher::configure(cfg);
+    rt_poll_api::configure(cfg);
 }
 
 /// A subject prefix no other test uses.
@@ -167,6 +178,16 @@ impl TestApp {
     /// Starts the all-in-one routes on the given engines, with `tweak` applied
     /// to the settings.
     pub async fn spawn(engines: Engines, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        Self::spawn_wrapped(engines, tweak, |bus| bus).await
+    }
+
+    /// Like [`TestApp::spawn`], with the bus replaced by what `wrap_bus`
+    /// makes of it (a [`LossyBus`], say).
+    pub async fn spawn_wrapped(
+        engines: Engines,
+        tweak: impl FnOnce(&mut Settings),
+        wrap_bus: impl FnOnce(Arc<dyn Bus>) -> Arc<dyn Bus>,
+    ) -> TestApp {
         init_telemetry();
         let prefix = unique_prefix();
         let (mut settings, db, dir) = match engines {
@@ -180,7 +201,15 @@ impl TestApp {
             }
         };
         tweak(&mut settings);
-        let ctx = Context::connect(settings).await.expect("service context");
+        let store = rt_core::context::open_store(&settings)
+            .await
+            .expect("open the store");
+        let bus = wrap_bus(
+            rt_core::context::open_bus(&settings)
+                .await
+                .expect("open the bus"),
+        );
+        let ctx = Context::new(settings, store, bus).expect("service context");
         Self::serve(ctx, prefix, db, dir)
     }
 
@@ -191,7 +220,7 @@ impl TestApp {
         db: Option<TestDb>,
         dir: Option<TempDir>,
     ) -> TestApp {
-        let app = Application::build(ctx.clone(), rt_publisher::configure).expect("bind");
+        let app = Application::build(ctx.clone(), configure_all).expect("bind");
         let base = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
@@ -231,6 +260,36 @@ impl TestApp {
         body["seq"].as_u64().expect("seq in answer")
     }
 
+    /// `GET path`: the status and the JSON answer (`Null` when there is no body).
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let res = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET request");
+        let status = res.status().as_u16();
+        let body = res.bytes().await.expect("answer body");
+        let json = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).expect("JSON answer")
+        };
+        (status, json)
+    }
+
+    /// Polls one topic after `after`, waiting up to `wait` seconds: the seqs
+    /// returned and `next`. Fails the test on anything but 200.
+    pub async fn poll(&self, topic: &str, after: u64, wait: u32) -> (Vec<u64>, u64) {
+        let (status, body) = self
+            .get_json(&format!(
+                "/v1/topics/{topic}/events?after={after}&wait={wait}&limit=1000"
+            ))
+            .await;
+        assert_eq!(status, 200, "poll of {topic} failed: {body}");
+        (seqs(&body), body["next"].as_u64().expect("next in answer"))
+    }
+
     /// Stops the server, finishing requests in flight.
     pub async fn stop(&self) {
         self.handle.stop(true).await;
@@ -241,6 +300,16 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         drop(self.handle.stop(false));
     }
+}
+
+/// The seqs of a poll answer's `events`.
+pub fn seqs(body: &serde_json::Value) -> Vec<u64> {
+    body["events"]
+        .as_array()
+        .expect("events in answer")
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq in event"))
+        .collect()
 }
 
 /// A temporary directory removed on drop.

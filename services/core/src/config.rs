@@ -93,6 +93,42 @@ pub struct Settings {
     #[arg(long, env = "RT_COMMIT_MAX_EVENTS", default_value_t = 2000)]
     pub commit_max_events: usize,
 
+    /// Longest `wait` a long poll may ask for.
+    #[arg(long, env = "RT_POLL_MAX_WAIT", value_parser = parse_duration, default_value = "60s")]
+    pub poll_max_wait: Duration,
+
+    /// Most events one poll may ask for (`limit`).
+    #[arg(long, env = "RT_POLL_MAX_LIMIT", default_value_t = 1000)]
+    pub poll_max_limit: u32,
+
+    /// Events a poll returns when it gives no `limit`.
+    #[arg(long, env = "RT_POLL_DEFAULT_LIMIT", default_value_t = 100)]
+    pub poll_default_limit: u32,
+
+    /// `Retry-After` hint, in seconds, on a short poll that found nothing new.
+    #[arg(long, env = "RT_POLL_RETRY_AFTER", default_value_t = 1)]
+    pub poll_retry_after: u32,
+
+    /// Recent events the live hub keeps per topic, so resumes and long-poll
+    /// wake-ups are served without the store.
+    #[arg(long, env = "RT_HUB_CACHE_EVENTS", default_value_t = 256)]
+    pub hub_cache_events: usize,
+
+    /// Events a local subscriber may fall behind the live hub before it
+    /// catches up from the log instead.
+    #[arg(long, env = "RT_HUB_QUEUE", default_value_t = 1024)]
+    pub hub_queue: usize,
+
+    /// How long the hub keeps a topic's bus subscription and cache after its
+    /// last local subscriber leaves.
+    #[arg(long, env = "RT_HUB_LINGER", value_parser = parse_duration, default_value = "30s")]
+    pub hub_linger: Duration,
+
+    /// How often the hub compares the store's last seq of every subscribed
+    /// topic with what it has delivered (catches a lost last message).
+    #[arg(long, env = "RT_HEAD_CHECK_INTERVAL", value_parser = parse_duration, default_value = "2s")]
+    pub head_check_interval: Duration,
+
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "RT_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
@@ -131,6 +167,14 @@ impl Default for Settings {
             startup_timeout: Duration::from_secs(30),
             commit_workers: 4,
             commit_max_events: 2000,
+            poll_max_wait: Duration::from_secs(60),
+            poll_max_limit: 1000,
+            poll_default_limit: 100,
+            poll_retry_after: 1,
+            hub_cache_events: 256,
+            hub_queue: 1024,
+            hub_linger: Duration::from_secs(30),
+            head_check_interval: Duration::from_secs(2),
             http_workers: None,
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,

@@ -1,4 +1,5 @@
-//! What a running service holds: settings, store, bus, auth, publisher, metrics.
+//! What a running service holds: settings, store, bus, auth, publisher, live
+//! hub, metrics.
 
 use std::{sync::Arc, time::Duration};
 
@@ -6,6 +7,7 @@ use crate::{
     auth::Auth,
     bus::{Bus, MemoryBus, NatsBus},
     config::Settings,
+    hub::{Hub, HubConfig},
     metrics::Metrics,
     publish::Publisher,
     store::{PgStore, Retention, SqliteStore, Store},
@@ -19,6 +21,7 @@ pub struct Context {
     pub bus: Arc<dyn Bus>,
     pub auth: Arc<Auth>,
     pub publisher: Publisher,
+    pub hub: Hub,
     pub metrics: Arc<Metrics>,
 }
 
@@ -88,12 +91,19 @@ impl Context {
                 settings.prune_interval,
             ));
         }
+        let hub = Hub::new(
+            store.clone(),
+            bus.clone(),
+            metrics.clone(),
+            HubConfig::from_settings(&settings),
+        );
         Ok(Context {
             settings: Arc::new(settings),
             store,
             bus,
             auth: Arc::new(auth),
             publisher,
+            hub,
             metrics,
         })
     }

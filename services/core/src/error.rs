@@ -124,3 +124,29 @@ impl From<crate::event::TopicError> for ApiError {
         ApiError::bad_request("invalid_topic", e.to_string())
     }
 }
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(_) => ApiError::unavailable(
+                "store_unavailable",
+                "the event log is unavailable; retry later",
+                e.into(),
+            ),
+            crate::store::StoreError::Corrupt(_) => ApiError::internal(e.into()),
+        }
+    }
+}
+
+impl From<crate::hub::HubError> for ApiError {
+    fn from(e: crate::hub::HubError) -> Self {
+        match e {
+            crate::hub::HubError::Store(e) => e.into(),
+            e => ApiError::unavailable(
+                "feed_unavailable",
+                "the live feed is unavailable; retry later",
+                e.into(),
+            ),
+        }
+    }
+}

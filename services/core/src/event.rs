@@ -197,6 +197,20 @@ impl Position {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Moves forward to `other` where it is ahead, per topic; never back.
+    pub fn advance(&mut self, other: &Position) {
+        for (topic, seq) in other.iter() {
+            let entry = self.0.entry(topic.clone()).or_insert(0);
+            *entry = (*entry).max(seq);
+        }
+    }
+}
+
+impl FromIterator<(Topic, u64)> for Position {
+    fn from_iter<I: IntoIterator<Item = (Topic, u64)>>(iter: I) -> Self {
+        Position(iter.into_iter().collect())
+    }
 }
 
 /// Parses a seq: decimal digits only (no sign), fitting in an `i64` as stored.
@@ -257,6 +271,13 @@ mod tests {
         assert_eq!(p.get(&Topic::parse("a").unwrap()), 12);
         assert_eq!(p.get(&Topic::parse("zzz").unwrap()), 0);
         assert!(Position::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn positions_only_move_forward() {
+        let mut p = Position::parse("a:5,b:9").unwrap();
+        p.advance(&Position::parse("a:7,b:2,c:1").unwrap());
+        assert_eq!(p.to_string(), "a:7,b:9,c:1");
     }
 
     #[test]

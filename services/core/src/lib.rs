@@ -7,6 +7,8 @@
 //! - [`store`]: the durable event log (Postgres, SQLite);
 //! - [`bus`]: the fast path between services (NATS, in-process);
 //! - [`publish`]: group commit into the store, then the bus;
+//! - [`hub`]: live delivery per process: one bus subscription per topic, gap
+//!   filling, a recent-events cache, and resume from a client's position;
 //! - [`auth`]: JWT bearer tokens and topic patterns;
 //! - [`telemetry`], [`metrics`], [`ops`]: logs and traces, Prometheus, health routes;
 //! - [`context`], [`server`]: what a service holds, and how it starts and stops.
@@ -18,6 +20,7 @@ pub mod context;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod hub;
 pub mod metrics;
 pub mod ops;
 pub mod proto;

@@ -1,7 +1,8 @@
 //! Prometheus metrics of one service process, served at `/metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// The metrics every service shares. Each [`crate::Context`] has its own
@@ -16,6 +17,10 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     pub bus_publish_errors: IntCounter,
     pub events_pruned: IntCounter,
+    pub hub_topics: IntGauge,
+    pub hub_fills: IntCounterVec,
+    pub hub_reads: IntCounterVec,
+    pub hub_lagged: IntCounter,
 }
 
 impl Metrics {
@@ -52,6 +57,32 @@ impl Metrics {
         .expect("valid metric");
         let events_pruned = IntCounter::new("events_pruned_total", "Events removed by retention")
             .expect("valid metric");
+        let hub_topics = IntGauge::new(
+            "hub_topics",
+            "Topics the live hub holds a bus subscription for",
+        )
+        .expect("valid metric");
+        let hub_fills = IntCounterVec::new(
+            Opts::new(
+                "hub_fills_total",
+                "Times the live hub read missed events from the log, by what triggered it",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let hub_reads = IntCounterVec::new(
+            Opts::new(
+                "hub_reads_total",
+                "Reads of recent events, by where they were served from (cache or store)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let hub_lagged = IntCounter::new(
+            "hub_lagged_total",
+            "Local subscribers that fell behind the live hub and caught up from the log",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(events_committed.clone()),
@@ -60,6 +91,10 @@ impl Metrics {
             Box::new(store_errors.clone()),
             Box::new(bus_publish_errors.clone()),
             Box::new(events_pruned.clone()),
+            Box::new(hub_topics.clone()),
+            Box::new(hub_fills.clone()),
+            Box::new(hub_reads.clone()),
+            Box::new(hub_lagged.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -72,6 +107,10 @@ impl Metrics {
             store_errors,
             bus_publish_errors,
             events_pruned,
+            hub_topics,
+            hub_fills,
+            hub_reads,
+            hub_lagged,
         }
     }
 

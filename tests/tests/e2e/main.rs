@@ -3,6 +3,9 @@
 
 mod auth;
 mod bad_input;
+mod cursors;
 mod outage;
+mod poll;
+mod poll_errors;
 mod publish;
 mod retention;

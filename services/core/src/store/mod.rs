@@ -12,7 +12,7 @@ use std::{collections::HashMap, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::event::{Event, NewEvent, Topic};
+use crate::event::{Event, NewEvent, Position, Topic};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -66,6 +66,16 @@ pub struct ReadResult {
     pub head: TopicHead,
 }
 
+/// A named polling cursor: a set of topics and the position committed in them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorRecord {
+    pub name: String,
+    pub topics: Vec<Topic>,
+    pub position: Position,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// How long events are kept. Both limits may apply at once.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Retention {
@@ -103,6 +113,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies retention; returns how many events were removed.
     async fn prune(&self, retention: Retention) -> Result<u64, StoreError>;
+
+    /// Creates a cursor unless one of that name exists. Returns the cursor
+    /// and whether it was created (false: the existing one, unchanged).
+    async fn create_cursor(
+        &self,
+        name: &str,
+        topics: &[Topic],
+        position: &Position,
+    ) -> Result<(CursorRecord, bool), StoreError>;
+
+    /// The cursor of that name, if any.
+    async fn cursor(&self, name: &str) -> Result<Option<CursorRecord>, StoreError>;
+
+    /// Every cursor, by name.
+    async fn cursors(&self) -> Result<Vec<CursorRecord>, StoreError>;
+
+    /// Moves a cursor forward to `position` (per topic, never back), atomically
+    /// with respect to other commits. `None` when there is no such cursor.
+    async fn commit_cursor(
+        &self,
+        name: &str,
+        position: &Position,
+    ) -> Result<Option<CursorRecord>, StoreError>;
+
+    /// Deletes a cursor; false when there was none.
+    async fn delete_cursor(&self, name: &str) -> Result<bool, StoreError>;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -173,6 +209,39 @@ fn event_from_row(
         data,
         time,
     })
+}
+
+/// A cursor from its stored text columns, refusing rows that break the contract.
+fn cursor_from_row(
+    name: String,
+    topics: &str,
+    position: &str,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+) -> Result<CursorRecord, StoreError> {
+    let topics = topics
+        .split(',')
+        .map(Topic::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Corrupt(format!("cursor {name}: bad topic list: {e}")))?;
+    let position = Position::parse(position)
+        .map_err(|e| StoreError::Corrupt(format!("cursor {name}: bad position: {e}")))?;
+    Ok(CursorRecord {
+        name,
+        topics,
+        position,
+        created_at,
+        updated_at,
+    })
+}
+
+/// The stored form of a cursor's topic list.
+fn join_topics(topics: &[Topic]) -> String {
+    topics
+        .iter()
+        .map(Topic::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]

@@ -10,10 +10,22 @@ use sqlx::{
 };
 
 use super::{
-    Appended, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, event_from_row,
-    sorted_topics,
+    Appended, CursorRecord, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs,
+    cursor_from_row, event_from_row, join_topics, sorted_topics,
 };
-use crate::event::{NewEvent, Topic};
+use crate::event::{NewEvent, Position, Topic};
+
+const CURSOR_COLUMNS: &str = "name, topics, position, created_at, updated_at";
+
+fn pg_cursor(row: sqlx::postgres::PgRow) -> Result<CursorRecord, StoreError> {
+    cursor_from_row(
+        row.get(0),
+        row.get::<&str, _>(1),
+        row.get::<&str, _>(2),
+        row.get(3),
+        row.get(4),
+    )
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -300,6 +312,91 @@ impl Store for PgStore {
             removed += done.rows_affected();
         }
         Ok(removed)
+    }
+
+    async fn create_cursor(
+        &self,
+        name: &str,
+        topics: &[Topic],
+        position: &Position,
+    ) -> Result<(CursorRecord, bool), StoreError> {
+        let created = sqlx::query(
+            "INSERT INTO rt_cursors (name, topics, position) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING name, topics, position, created_at, updated_at",
+        )
+        .bind(name)
+        .bind(join_topics(topics))
+        .bind(position.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = created {
+            return Ok((pg_cursor(row)?, true));
+        }
+        match self.cursor(name).await? {
+            Some(existing) => Ok((existing, false)),
+            // Deleted between the two statements: try again.
+            None => Box::pin(self.create_cursor(name, topics, position)).await,
+        }
+    }
+
+    async fn cursor(&self, name: &str) -> Result<Option<CursorRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CURSOR_COLUMNS} FROM rt_cursors WHERE name = $1"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(pg_cursor)
+        .transpose()
+    }
+
+    async fn cursors(&self) -> Result<Vec<CursorRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CURSOR_COLUMNS} FROM rt_cursors ORDER BY name"
+        )))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(pg_cursor)
+        .collect()
+    }
+
+    async fn commit_cursor(
+        &self,
+        name: &str,
+        position: &Position,
+    ) -> Result<Option<CursorRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CURSOR_COLUMNS} FROM rt_cursors WHERE name = $1 FOR UPDATE"
+        )))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let mut cursor = pg_cursor(row)?;
+        cursor.position.advance(position);
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE rt_cursors SET position = $2, updated_at = now() WHERE name = $1
+             RETURNING {CURSOR_COLUMNS}"
+        )))
+        .bind(name)
+        .bind(cursor.position.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(pg_cursor(row)?))
+    }
+
+    async fn delete_cursor(&self, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM rt_cursors WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

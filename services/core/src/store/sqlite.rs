@@ -11,10 +11,22 @@ use sqlx::{
 };
 
 use super::{
-    Appended, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, event_from_row,
-    sorted_topics,
+    Appended, CursorRecord, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs,
+    cursor_from_row, event_from_row, join_topics, sorted_topics,
 };
-use crate::event::{NewEvent, Topic};
+use crate::event::{NewEvent, Position, Topic};
+
+const CURSOR_COLUMNS: &str = "name, topics, position, created_us, updated_us";
+
+fn sqlite_cursor(row: sqlx::sqlite::SqliteRow) -> Result<CursorRecord, StoreError> {
+    cursor_from_row(
+        row.get(0),
+        row.get::<&str, _>(1),
+        row.get::<&str, _>(2),
+        from_micros(row.get(3)),
+        from_micros(row.get(4)),
+    )
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -219,6 +231,98 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(removed)
+    }
+
+    async fn create_cursor(
+        &self,
+        name: &str,
+        topics: &[Topic],
+        position: &Position,
+    ) -> Result<(CursorRecord, bool), StoreError> {
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO rt_cursors ({CURSOR_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (name) DO NOTHING RETURNING {CURSOR_COLUMNS}"
+        )))
+        .bind(name)
+        .bind(join_topics(topics))
+        .bind(position.to_string())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let result = match created {
+            Some(row) => (sqlite_cursor(row)?, true),
+            None => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CURSOR_COLUMNS} FROM rt_cursors WHERE name = ?1"
+                )))
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+                (sqlite_cursor(row)?, false)
+            }
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    async fn cursor(&self, name: &str) -> Result<Option<CursorRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CURSOR_COLUMNS} FROM rt_cursors WHERE name = ?1"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(sqlite_cursor)
+        .transpose()
+    }
+
+    async fn cursors(&self) -> Result<Vec<CursorRecord>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CURSOR_COLUMNS} FROM rt_cursors ORDER BY name"
+        )))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(sqlite_cursor)
+        .collect()
+    }
+
+    async fn commit_cursor(
+        &self,
+        name: &str,
+        position: &Position,
+    ) -> Result<Option<CursorRecord>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CURSOR_COLUMNS} FROM rt_cursors WHERE name = ?1"
+        )))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let mut cursor = sqlite_cursor(row)?;
+        cursor.position.advance(position);
+        cursor.updated_at = from_micros(micros(Utc::now()));
+        sqlx::query("UPDATE rt_cursors SET position = ?2, updated_us = ?3 WHERE name = ?1")
+            .bind(name)
+            .bind(cursor.position.to_string())
+            .bind(micros(cursor.updated_at))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(cursor))
+    }
+
+    async fn delete_cursor(&self, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM rt_cursors WHERE name = ?1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,0 +1,765 @@
+//! The live hub: one per process, shared by every edge (polling, SSE,
+//! WebSocket, push).
+//!
+//! - One bus subscription per topic, held while the process has local interest
+//!   in it (and for a linger period after), never a firehose.
+//! - Each event is encoded to JSON once; every local subscriber gets the same
+//!   bytes ([`SharedEvent`]).
+//! - Per topic the hub hands on events in `seq` order with no gaps: it tracks
+//!   the last seq it delivered, and a gap, a bus reconnect or a slow-consumer
+//!   notice makes it read the missing events from the store first. A periodic
+//!   head check (one store query for every subscribed topic) catches a lost
+//!   last message.
+//! - A small cache of recent events per topic serves resumes and long-poll
+//!   wake-ups without the store.
+//!
+//! Connections do not talk to the hub's channels directly: a [`Follower`]
+//! resumes a topic from a client's position (log first, then live, deduped by
+//! seq) and reports a position lost to retention as an explicit
+//! [`Delivery::Reset`].
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, RwLock, Weak},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, broadcast, watch};
+
+use crate::{
+    bus::{Bus, BusSignal, BusStream},
+    config::Settings,
+    event::{Event, Topic},
+    metrics::Metrics,
+    store::{Store, StoreError, TopicHead},
+};
+
+/// Events read from the store per query when the hub or a follower catches up.
+const FILL_PAGE: u32 = 500;
+/// Most topics in one head-check query.
+const HEAD_CHECK_CHUNK: usize = 1000;
+
+/// A committed event with its JSON text, encoded once per process.
+#[derive(Debug)]
+pub struct SharedEvent {
+    pub event: Event,
+    /// `{"topic","seq","type","data","time"}`: the event as every transport shows it.
+    pub json: Bytes,
+}
+
+impl SharedEvent {
+    pub fn new(event: Event) -> Arc<SharedEvent> {
+        let json = Bytes::from(event.to_json());
+        Arc::new(SharedEvent { event, json })
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.event.seq
+    }
+}
+
+/// How the hub behaves; see the `hub_*` settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub cache_events: usize,
+    pub queue: usize,
+    pub linger: Duration,
+    pub head_check_interval: Duration,
+    /// How long a new subscription waits for the bus and store to answer.
+    pub ready_timeout: Duration,
+}
+
+impl HubConfig {
+    pub fn from_settings(s: &Settings) -> HubConfig {
+        HubConfig {
+            cache_events: s.hub_cache_events,
+            queue: s.hub_queue.max(16),
+            linger: s.hub_linger,
+            head_check_interval: s.head_check_interval.max(Duration::from_millis(10)),
+            ready_timeout: s.db_acquire_timeout.max(Duration::from_secs(1)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("the event log is unavailable: {0}")]
+    Store(#[from] StoreError),
+    #[error("the live feed of topic {0} is not ready: the store or the bus does not answer")]
+    NotReady(Topic),
+    #[error("the live feed of topic {0} stopped")]
+    Closed(Topic),
+}
+
+/// Events after a position, with the topic's counters as the reader knows them.
+#[derive(Debug, Clone)]
+pub struct HubRead {
+    pub events: Vec<Arc<SharedEvent>>,
+    pub head: TopicHead,
+}
+
+/// The process's live hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    config: HubConfig,
+    /// Feed tasks run here (the main runtime), not on the HTTP worker that
+    /// happened to subscribe first.
+    runtime: tokio::runtime::Handle,
+    topics: Mutex<HashMap<Topic, Slot>>,
+}
+
+/// A topic's feed and the local interest in it.
+struct Slot {
+    feed: Arc<TopicFeed>,
+    interest: usize,
+    idle_since: Option<Instant>,
+}
+
+/// One topic's live feed: its bus subscription task, channel and cache.
+struct TopicFeed {
+    topic: Topic,
+    tx: broadcast::Sender<Arc<SharedEvent>>,
+    state: RwLock<FeedState>,
+    ready: watch::Sender<bool>,
+    fill: Notify,
+    stop: Notify,
+}
+
+#[derive(Default)]
+struct FeedState {
+    /// Highest seq handed on; everything up to it was handed on in order.
+    last: u64,
+    low_seq: u64,
+    /// The most recent events, contiguous, ending at `last`.
+    cache: VecDeque<Arc<SharedEvent>>,
+}
+
+impl Hub {
+    /// Creates the hub and its head-check task. Call on the runtime that
+    /// should run the hub's tasks (the service's main runtime).
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        metrics: Arc<Metrics>,
+        config: HubConfig,
+    ) -> Hub {
+        let inner = Arc::new(Inner {
+            store,
+            bus,
+            metrics,
+            config,
+            runtime: tokio::runtime::Handle::current(),
+            topics: Mutex::new(HashMap::new()),
+        });
+        inner
+            .runtime
+            .spawn(head_check_forever(Arc::downgrade(&inner)));
+        Hub { inner }
+    }
+
+    /// Registers local interest in `topic`: from the returned subscription's
+    /// creation on, every event the hub hands on reaches it. Waits until the
+    /// topic's feed knows its last seq (at most the ready timeout).
+    pub async fn subscribe(&self, topic: &Topic) -> Result<Subscription, HubError> {
+        let (feed, rx) = {
+            let mut topics = self.inner.lock_topics();
+            let slot = topics.entry(topic.clone()).or_insert_with(|| Slot {
+                feed: self.inner.start_feed(topic),
+                interest: 0,
+                idle_since: None,
+            });
+            slot.interest += 1;
+            slot.idle_since = None;
+            let rx = slot.feed.tx.subscribe();
+            (slot.feed.clone(), rx)
+        };
+        let mut sub = Subscription {
+            hub: self.clone(),
+            feed,
+            rx,
+            start_last: 0,
+        };
+        let mut ready = sub.feed.ready.subscribe();
+        match tokio::time::timeout(self.inner.config.ready_timeout, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(HubError::NotReady(topic.clone())),
+        }
+        sub.start_last = sub.feed.read_state().last;
+        Ok(sub)
+    }
+
+    /// Up to `limit` events of `topic` with seq > `after`: from the cache
+    /// when it covers them, else from the store.
+    pub async fn read(&self, topic: &Topic, after: u64, limit: u32) -> Result<HubRead, HubError> {
+        if let Some(read) = self.inner.read_cached(topic, after, limit) {
+            self.inner
+                .metrics
+                .hub_reads
+                .with_label_values(&["cache"])
+                .inc();
+            return Ok(read);
+        }
+        self.inner
+            .metrics
+            .hub_reads
+            .with_label_values(&["store"])
+            .inc();
+        let r = self.inner.store.read(topic, after, limit).await?;
+        Ok(HubRead {
+            events: r.events.into_iter().map(SharedEvent::new).collect(),
+            head: r.head,
+        })
+    }
+
+    /// Topics with a live feed in this process (for tests and metrics).
+    pub fn topic_count(&self) -> usize {
+        self.inner.lock_topics().len()
+    }
+
+    fn release(&self, topic: &Topic) {
+        let mut topics = self.inner.lock_topics();
+        if let Some(slot) = topics.get_mut(topic) {
+            slot.interest = slot.interest.saturating_sub(1);
+            if slot.interest == 0 {
+                slot.idle_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn lock_topics(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Slot>> {
+        // unwrap: the lock is never held across a panic point
+        self.topics.lock().expect("hub topics lock")
+    }
+
+    fn start_feed(self: &Arc<Self>, topic: &Topic) -> Arc<TopicFeed> {
+        let feed = Arc::new(TopicFeed {
+            topic: topic.clone(),
+            tx: broadcast::channel(self.config.queue).0,
+            state: RwLock::new(FeedState {
+                low_seq: 1,
+                ..FeedState::default()
+            }),
+            ready: watch::channel(false).0,
+            fill: Notify::new(),
+            stop: Notify::new(),
+        });
+        self.metrics.hub_topics.inc();
+        self.runtime.spawn(run_feed(self.clone(), feed.clone()));
+        feed
+    }
+
+    fn read_cached(&self, topic: &Topic, after: u64, limit: u32) -> Option<HubRead> {
+        let feed = {
+            let topics = self.lock_topics();
+            topics.get(topic)?.feed.clone()
+        };
+        if !*feed.ready.borrow() {
+            return None;
+        }
+        let state = feed.read_state();
+        let head = TopicHead {
+            low_seq: state.low_seq,
+            last_seq: state.last,
+        };
+        if after >= state.last {
+            return Some(HubRead {
+                events: Vec::new(),
+                head,
+            });
+        }
+        let first = state.cache.front()?.seq();
+        if first > after + 1 {
+            return None;
+        }
+        let skip = (after + 1 - first) as usize;
+        let events = state
+            .cache
+            .iter()
+            .skip(skip)
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        Some(HubRead { events, head })
+    }
+}
+
+impl TopicFeed {
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, FeedState> {
+        // unwrap: the lock is never held across a panic point
+        self.state.read().expect("feed state lock")
+    }
+
+    fn last(&self) -> u64 {
+        self.read_state().last
+    }
+
+    /// Hands an event on: cache, then every local subscriber.
+    fn deliver(&self, event: Arc<SharedEvent>, cache_events: usize) {
+        {
+            // unwrap: see read_state
+            let mut state = self.state.write().expect("feed state lock");
+            state.last = event.seq();
+            state.cache.push_back(event.clone());
+            while state.cache.len() > cache_events {
+                state.cache.pop_front();
+            }
+        }
+        // No receiver is fine: the cache still serves readers.
+        let _ = self.tx.send(event);
+    }
+}
+
+/// Local interest in one topic; dropping it releases the interest.
+pub struct Subscription {
+    hub: Hub,
+    feed: Arc<TopicFeed>,
+    rx: broadcast::Receiver<Arc<SharedEvent>>,
+    start_last: u64,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.feed.topic)
+            .field("start_last", &self.start_last)
+            .finish()
+    }
+}
+
+impl Subscription {
+    pub fn topic(&self) -> &Topic {
+        &self.feed.topic
+    }
+
+    /// The hub's last seq when this subscription became ready: every event
+    /// above it reaches the subscription live; the ones up to it are in the log.
+    pub fn start_last(&self) -> u64 {
+        self.start_last
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.release(&self.feed.topic);
+    }
+}
+
+/// What a follower hands on.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<SharedEvent>),
+    /// The client's position is older than retention: the events after it up
+    /// to `from` are gone, and delivery continues after `from`.
+    Reset {
+        topic: Topic,
+        from: u64,
+    },
+}
+
+/// Follows one topic from a client's position: the log first (cache, else
+/// store), then live events, in seq order, with no gap and no duplicate.
+///
+/// [`Follower::next`] and [`Follower::catch_up`] are cancel-safe: dropping
+/// one of their futures loses nothing, so they can be raced against timeouts.
+pub struct Follower {
+    sub: Subscription,
+    /// Highest seq handed out.
+    last: u64,
+    backlog: VecDeque<Arc<SharedEvent>>,
+    pending_reset: Option<u64>,
+    caught_up: bool,
+    page: u32,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("topic", self.topic())
+            .field("last", &self.last)
+            .field("caught_up", &self.caught_up)
+            .finish()
+    }
+}
+
+impl Follower {
+    /// Registers interest in `topic` and prepares to hand on events after
+    /// `after`, reading the log `page` events at a time.
+    pub async fn start(
+        hub: &Hub,
+        topic: &Topic,
+        after: u64,
+        page: u32,
+    ) -> Result<Follower, HubError> {
+        let sub = hub.subscribe(topic).await?;
+        Ok(Follower {
+            sub,
+            last: after,
+            backlog: VecDeque::new(),
+            pending_reset: None,
+            caught_up: false,
+            page: page.clamp(1, FILL_PAGE),
+        })
+    }
+
+    pub fn topic(&self) -> &Topic {
+        self.sub.topic()
+    }
+
+    /// The position reached: the seq of the last event handed out (or the
+    /// starting position, or the `from` of a reset).
+    pub fn position(&self) -> u64 {
+        self.last
+    }
+
+    /// Whether everything committed before the follower started has been
+    /// read from the log (handed out or waiting in the backlog).
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up
+    }
+
+    /// The next delivery, waiting for a live event when there is none.
+    pub async fn next(&mut self) -> Result<Delivery, HubError> {
+        loop {
+            if let Some(d) = self.pop_ready() {
+                return Ok(d);
+            }
+            if !self.caught_up {
+                self.catch_up().await?;
+                continue;
+            }
+            match self.sub.rx.recv().await {
+                Ok(e) => {
+                    if let Some(d) = self.accept_live(e) {
+                        return Ok(d);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => self.lagged(),
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(HubError::Closed(self.topic().clone()));
+                }
+            }
+        }
+    }
+
+    /// The next delivery if one is at hand, without waiting or reading the
+    /// store (call [`Follower::catch_up`] when this returns `None` and the
+    /// follower is not caught up).
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        loop {
+            if let Some(d) = self.pop_ready() {
+                return Some(d);
+            }
+            if !self.caught_up {
+                return None;
+            }
+            match self.sub.rx.try_recv() {
+                Ok(e) => {
+                    if let Some(d) = self.accept_live(e) {
+                        return Some(d);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagged(),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Reads the next page of the log after the position into the backlog.
+    /// Does nothing while the backlog still holds events.
+    pub async fn catch_up(&mut self) -> Result<(), HubError> {
+        if !self.backlog.is_empty() || self.pending_reset.is_some() {
+            return Ok(());
+        }
+        let read = self
+            .sub
+            .hub
+            .read(self.topic(), self.last, self.page)
+            .await?;
+        // Nothing changes before the read completes: cancel-safe.
+        let from = match read.events.first() {
+            Some(first) if first.seq() > self.last + 1 => Some(first.seq() - 1),
+            None if read.head.last_seq > self.last && read.head.low_seq > self.last + 1 => {
+                Some(read.head.last_seq)
+            }
+            _ => None,
+        };
+        if let Some(from) = from {
+            self.pending_reset = Some(from);
+        }
+        self.caught_up = (read.events.len() as u32) < self.page;
+        self.backlog.extend(read.events);
+        Ok(())
+    }
+
+    fn pop_ready(&mut self) -> Option<Delivery> {
+        if let Some(from) = self.pending_reset.take() {
+            self.last = from;
+            return Some(Delivery::Reset {
+                topic: self.topic().clone(),
+                from,
+            });
+        }
+        let event = self.backlog.pop_front()?;
+        self.last = event.seq();
+        Some(Delivery::Event(event))
+    }
+
+    /// Step 4 of a resume, per connection: older seqs are dropped, the next
+    /// one is handed out, anything beyond means a gap to read from the log.
+    fn accept_live(&mut self, event: Arc<SharedEvent>) -> Option<Delivery> {
+        let seq = event.seq();
+        if seq <= self.last {
+            None
+        } else if seq == self.last + 1 {
+            self.last = seq;
+            Some(Delivery::Event(event))
+        } else {
+            self.caught_up = false;
+            None
+        }
+    }
+
+    fn lagged(&mut self) {
+        self.sub.hub.inner.metrics.hub_lagged.inc();
+        self.caught_up = false;
+    }
+}
+
+/// A topic's feed task: subscribe to the bus, learn the last seq, then hand
+/// on live events in order, filling gaps from the store.
+async fn run_feed(inner: Arc<Inner>, feed: Arc<TopicFeed>) {
+    let topic = feed.topic.clone();
+    let mut signals = Some(inner.bus.signals());
+    let Some(mut stream) = subscribe_bus(&inner, &feed).await else {
+        return finish(&inner);
+    };
+    // The bus subscription exists before the head is read, so nothing
+    // committed after the read can be missed.
+    let mut backoff = Backoff::new();
+    loop {
+        match inner.store.heads(std::slice::from_ref(&topic)).await {
+            Ok(heads) => {
+                let head = heads.get(&topic).copied().unwrap_or_default();
+                // unwrap: see TopicFeed::read_state
+                let mut state = feed.state.write().expect("feed state lock");
+                state.last = head.last_seq;
+                state.low_seq = head.low_seq;
+                break;
+            }
+            Err(e) => {
+                inner.metrics.store_errors.inc();
+                tracing::warn!(%topic, error = %e, "live feed cannot read the topic's head; retrying");
+                if backoff.wait_or_stop(&feed).await {
+                    return finish(&inner);
+                }
+            }
+        }
+    }
+    feed.ready.send_replace(true);
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = feed.stop.notified() => break,
+            _ = feed.fill.notified() => {
+                inner.metrics.hub_fills.with_label_values(&["head_check"]).inc();
+                if !fill(&inner, &feed).await { break; }
+            }
+            signal = recv_signal(&mut signals) => {
+                let reason = match signal {
+                    Some(BusSignal::Reconnected) => "reconnect",
+                    Some(BusSignal::SlowConsumer) | None => "slow_consumer",
+                };
+                inner.metrics.hub_fills.with_label_values(&[reason]).inc();
+                if !fill(&inner, &feed).await { break; }
+            }
+            event = stream.next() => match event {
+                Some(event) => {
+                    let last = feed.last();
+                    if event.seq == last + 1 {
+                        feed.deliver(SharedEvent::new(event), inner.config.cache_events);
+                    } else if event.seq > last + 1 {
+                        // A gap, or an arrival ahead of its predecessors: the log
+                        // holds everything up to this seq.
+                        inner.metrics.hub_fills.with_label_values(&["gap"]).inc();
+                        if !fill(&inner, &feed).await { break; }
+                    }
+                }
+                None => {
+                    tracing::warn!(%topic, "bus subscription ended; subscribing again");
+                    let Some(s) = subscribe_bus(&inner, &feed).await else { break };
+                    stream = s;
+                    inner.metrics.hub_fills.with_label_values(&["resubscribe"]).inc();
+                    if !fill(&inner, &feed).await { break; }
+                }
+            },
+        }
+    }
+    finish(&inner);
+}
+
+fn finish(inner: &Inner) {
+    inner.metrics.hub_topics.dec();
+}
+
+async fn recv_signal(signals: &mut Option<broadcast::Receiver<BusSignal>>) -> Option<BusSignal> {
+    let Some(rx) = signals.as_mut() else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Ok(signal) => Some(signal),
+        // Missed signals: treat as one more reason to fill.
+        Err(broadcast::error::RecvError::Lagged(_)) => None,
+        Err(broadcast::error::RecvError::Closed) => {
+            *signals = None;
+            std::future::pending().await
+        }
+    }
+}
+
+/// Subscribes to the topic on the bus, retrying until it works or the feed
+/// is stopped (then `None`).
+async fn subscribe_bus(inner: &Inner, feed: &TopicFeed) -> Option<BusStream> {
+    let mut backoff = Backoff::new();
+    loop {
+        match inner.bus.subscribe(&feed.topic).await {
+            Ok(stream) => return Some(stream),
+            Err(e) => {
+                tracing::warn!(topic = %feed.topic, error = %e, "live feed cannot subscribe to the bus; retrying");
+                if backoff.wait_or_stop(feed).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Reads everything after the feed's last seq from the store and hands it on.
+/// Retries while the store fails. Returns false when the feed was stopped.
+async fn fill(inner: &Inner, feed: &TopicFeed) -> bool {
+    let mut backoff = Backoff::new();
+    loop {
+        let last = feed.last();
+        match inner.store.read(&feed.topic, last, FILL_PAGE).await {
+            Ok(read) => {
+                let n = read.events.len();
+                {
+                    // unwrap: see TopicFeed::read_state
+                    feed.state.write().expect("feed state lock").low_seq = read.head.low_seq;
+                }
+                for event in read.events {
+                    if event.seq > feed.last() {
+                        feed.deliver(SharedEvent::new(event), inner.config.cache_events);
+                    }
+                }
+                if n < FILL_PAGE as usize {
+                    return true;
+                }
+            }
+            Err(e) => {
+                inner.metrics.store_errors.inc();
+                tracing::warn!(topic = %feed.topic, error = %e, "live feed cannot fill a gap from the store; retrying");
+                if backoff.wait_or_stop(feed).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Every interval: release topics idle for longer than the linger period,
+/// and compare the store's last seq of every live topic (one query per
+/// thousand topics) with what the hub has handed on.
+async fn head_check_forever(inner: Weak<Inner>) {
+    let interval = match inner.upgrade() {
+        Some(inner) => inner.config.head_check_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let feeds: Vec<Arc<TopicFeed>> = {
+            let mut topics = inner.lock_topics();
+            let linger = inner.config.linger;
+            topics.retain(|_, slot| {
+                let expired = slot.interest == 0
+                    && slot
+                        .idle_since
+                        .is_some_and(|since| since.elapsed() >= linger);
+                if expired {
+                    slot.feed.stop.notify_one();
+                }
+                !expired
+            });
+            topics
+                .values()
+                .filter(|slot| *slot.feed.ready.borrow())
+                .map(|slot| slot.feed.clone())
+                .collect()
+        };
+        for chunk in feeds.chunks(HEAD_CHECK_CHUNK) {
+            let names: Vec<Topic> = chunk.iter().map(|f| f.topic.clone()).collect();
+            match inner.store.heads(&names).await {
+                Ok(heads) => {
+                    for feed in chunk {
+                        let head = heads.get(&feed.topic).copied().unwrap_or_default();
+                        // unwrap: see TopicFeed::read_state
+                        let mut state = feed.state.write().expect("feed state lock");
+                        state.low_seq = head.low_seq;
+                        if head.last_seq > state.last {
+                            feed.fill.notify_one();
+                        }
+                    }
+                }
+                Err(e) => {
+                    inner.metrics.store_errors.inc();
+                    tracing::warn!(error = %e, "head check failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff from 100 ms to 5 s, interrupted by a feed's stop.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+
+    /// Sleeps; true when the feed was stopped meanwhile.
+    async fn wait_or_stop(&mut self, feed: &TopicFeed) -> bool {
+        let wait = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = feed.stop.notified() => true,
+            _ = tokio::time::sleep(wait) => false,
+        }
+    }
+}

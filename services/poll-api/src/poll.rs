@@ -1,0 +1,351 @@
+//! Polling: query parsing, collecting events from followers, and the answer.
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix_web::{
+    HttpRequest, HttpResponse,
+    http::header::{self, HeaderValue},
+    web,
+};
+use bytes::{BufMut, BytesMut};
+use rt_core::{
+    ApiError, Context, Position, Topic,
+    auth::Principal,
+    config::Settings,
+    event::{PositionError, parse_seq},
+    hub::{Delivery, Follower, HubError, SharedEvent},
+};
+use serde::Serialize;
+
+/// Most topics one poll or cursor may name.
+pub const MAX_TOPICS: usize = 100;
+
+/// The parameters every poll shares.
+#[derive(Debug)]
+pub(crate) struct PollParams {
+    pub(crate) limit: u32,
+    pub(crate) wait: Duration,
+}
+
+/// Raw query pairs, in order (repeated keys such as `topic` allowed).
+pub(crate) type QueryPairs = web::Query<Vec<(String, String)>>;
+
+impl PollParams {
+    /// Reads `limit` and `wait` from the query, checked against the settings.
+    pub(crate) fn parse(query: &[(String, String)], settings: &Settings) -> Result<Self, ApiError> {
+        let mut params = PollParams {
+            limit: settings.poll_default_limit.min(settings.poll_max_limit),
+            wait: Duration::ZERO,
+        };
+        for (key, value) in query {
+            match key.as_str() {
+                "limit" => params.limit = parse_limit(value, settings.poll_max_limit)?,
+                "wait" => params.wait = parse_wait(value, settings.poll_max_wait)?,
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+}
+
+fn parse_limit(value: &str, max: u32) -> Result<u32, ApiError> {
+    match parse_seq(value) {
+        Some(n) if (1..=u64::from(max)).contains(&n) => Ok(n as u32),
+        _ => Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be a whole number from 1 to {max}, got {value:?}"),
+        )),
+    }
+}
+
+fn parse_wait(value: &str, max: Duration) -> Result<Duration, ApiError> {
+    let secs = value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && !value.starts_with(['+', '-']));
+    match secs {
+        Some(s) if s <= max.as_secs_f64() => Ok(Duration::from_secs_f64(s)),
+        _ => Err(ApiError::bad_request(
+            "invalid_wait",
+            format!(
+                "wait must be a number of seconds from 0 to {}, got {value:?}",
+                max.as_secs()
+            ),
+        )),
+    }
+}
+
+fn single(query: &[(String, String)], key: &str) -> Result<Option<String>, ApiError> {
+    let mut values = query.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
+    let first = values.next().cloned();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("{key} may be given once"),
+        ));
+    }
+    Ok(first)
+}
+
+/// `GET /v1/topics/{topic}/events?after=N&limit=L&wait=S`
+pub(crate) async fn poll_topic(
+    ctx: web::Data<Context>,
+    principal: Principal,
+    path: web::Path<String>,
+    query: QueryPairs,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let topic = Topic::parse(&path)?;
+    let params = PollParams::parse(&query, &ctx.settings)?;
+    let after = match single(&query, "after")? {
+        None => 0,
+        Some(v) => parse_seq(&v).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_after",
+                format!("after must be a seq: a whole number from 0, got {v:?}"),
+            )
+        })?,
+    };
+    principal.require_subscribe(&topic)?;
+    let mut followers = vec![Follower::start(&ctx.hub, &topic, after, params.limit).await?];
+    let collected = collect(&mut followers, params.limit, params.wait).await?;
+    let next = followers[0].position().to_string();
+    Ok(answer(&req, &ctx.settings, &params, collected, &next))
+}
+
+/// `GET /v1/events?topic=a&topic=b&after=a:12,b:40&limit=L&wait=S`
+pub(crate) async fn poll_topics(
+    ctx: web::Data<Context>,
+    principal: Principal,
+    query: QueryPairs,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let mut topics = Vec::new();
+    for (_, name) in query.iter().filter(|(k, _)| k == "topic") {
+        let topic = Topic::parse(name)?;
+        if !topics.contains(&topic) {
+            topics.push(topic);
+        }
+    }
+    check_topic_count(&topics)?;
+    let params = PollParams::parse(&query, &ctx.settings)?;
+    let after = match single(&query, "after")? {
+        None => Position::default(),
+        Some(v) => parse_position(&v, &topics)?,
+    };
+    for topic in &topics {
+        principal.require_subscribe(topic)?;
+    }
+    let mut followers = start_followers(&ctx, &topics, &after, params.limit).await?;
+    let collected = collect(&mut followers, params.limit, params.wait).await?;
+    let next = position_of(&followers).to_string();
+    Ok(answer(
+        &req,
+        &ctx.settings,
+        &params,
+        collected,
+        &json_string(&next),
+    ))
+}
+
+/// Checks that a poll or cursor names 1 to [`MAX_TOPICS`] topics.
+pub(crate) fn check_topic_count(topics: &[Topic]) -> Result<(), ApiError> {
+    if topics.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_topic",
+            "name at least one topic (topic=a&topic=b)",
+        ));
+    }
+    if topics.len() > MAX_TOPICS {
+        return Err(ApiError::bad_request(
+            "too_many_topics",
+            format!("{} topics named; the maximum is {MAX_TOPICS}", topics.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a position whose topics must all be among `topics`.
+pub(crate) fn parse_position(value: &str, topics: &[Topic]) -> Result<Position, ApiError> {
+    let position = Position::parse(value).map_err(|e: PositionError| {
+        ApiError::bad_request("invalid_position", format!("{e} (expected a:12,b:40)"))
+    })?;
+    if let Some((stray, _)) = position.iter().find(|(t, _)| !topics.contains(t)) {
+        return Err(ApiError::bad_request(
+            "invalid_position",
+            format!("the position names topic {stray}, which is not among the topics asked for"),
+        ));
+    }
+    Ok(position)
+}
+
+pub(crate) async fn start_followers(
+    ctx: &Context,
+    topics: &[Topic],
+    after: &Position,
+    limit: u32,
+) -> Result<Vec<Follower>, ApiError> {
+    let mut followers = Vec::with_capacity(topics.len());
+    for topic in topics {
+        followers.push(Follower::start(&ctx.hub, topic, after.get(topic), limit).await?);
+    }
+    Ok(followers)
+}
+
+pub(crate) fn position_of(followers: &[Follower]) -> Position {
+    followers
+        .iter()
+        .map(|f| (f.topic().clone(), f.position()))
+        .collect()
+}
+
+/// A reset reported to the client: events of `topic` after its position up
+/// to `from` were removed by retention; delivery resumed after `from`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Reset {
+    pub(crate) topic: Topic,
+    pub(crate) from: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    pub(crate) events: Vec<Arc<SharedEvent>>,
+    pub(crate) resets: Vec<Reset>,
+}
+
+impl Collected {
+    fn push(&mut self, d: Delivery) {
+        match d {
+            Delivery::Event(e) => self.events.push(e),
+            Delivery::Reset { topic, from } => self.resets.push(Reset { topic, from }),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.resets.is_empty()
+    }
+}
+
+/// Up to `limit` events from the followers: whatever is at hand (the log
+/// first, then live), or, when there is nothing, the first live event within
+/// `wait`. Topics take turns, so one busy topic cannot starve the others.
+pub(crate) async fn collect(
+    followers: &mut [Follower],
+    limit: u32,
+    wait: Duration,
+) -> Result<Collected, HubError> {
+    let limit = limit as usize;
+    let deadline = Instant::now() + wait;
+    let mut out = Collected::default();
+    loop {
+        let mut progressed = true;
+        while progressed && out.events.len() < limit {
+            progressed = false;
+            for f in followers.iter_mut() {
+                if out.events.len() >= limit {
+                    break;
+                }
+                if let Some(d) = f.try_next() {
+                    out.push(d);
+                    progressed = true;
+                }
+            }
+        }
+        if out.events.len() >= limit {
+            break;
+        }
+        let mut read = false;
+        for f in followers.iter_mut().filter(|f| !f.is_caught_up()) {
+            f.catch_up().await?;
+            read = true;
+        }
+        if read {
+            continue;
+        }
+        if !out.is_empty() {
+            break;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        let waits: Vec<_> = followers.iter_mut().map(|f| Box::pin(f.next())).collect();
+        match tokio::time::timeout(remaining, futures_util::future::select_all(waits)).await {
+            Ok((Ok(d), _, _)) => out.push(d),
+            Ok((Err(e), _, _)) => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+fn json_string(s: &str) -> String {
+    // unwrap: a string always serializes
+    serde_json::to_string(s).expect("string serializes")
+}
+
+/// `{"events":[...],"next":<next>,"reset"?:[...]}`, with the events' JSON
+/// bytes copied as encoded once by the hub. `next` is JSON already.
+pub(crate) fn body(collected: &Collected, next: &str) -> BytesMut {
+    let size: usize = collected.events.iter().map(|e| e.json.len() + 1).sum();
+    let mut buf = BytesMut::with_capacity(size + next.len() + 32);
+    buf.put_slice(b"{\"events\":[");
+    for (i, e) in collected.events.iter().enumerate() {
+        if i > 0 {
+            buf.put_u8(b',');
+        }
+        buf.put_slice(&e.json);
+    }
+    buf.put_slice(b"],\"next\":");
+    buf.put_slice(next.as_bytes());
+    if !collected.resets.is_empty() {
+        buf.put_slice(b",\"reset\":");
+        // unwrap: resets are names and numbers
+        buf.put_slice(&serde_json::to_vec(&collected.resets).expect("resets serialize"));
+    }
+    buf.put_u8(b'}');
+    buf
+}
+
+/// The poll answer: 200 with the body, or 304 when the client already holds
+/// it (`If-None-Match`). A short poll that found nothing carries `Retry-After`.
+pub(crate) fn answer(
+    req: &HttpRequest,
+    settings: &Settings,
+    params: &PollParams,
+    collected: Collected,
+    next: &str,
+) -> HttpResponse {
+    let body = body(&collected, next);
+    let mut hasher = std::hash::DefaultHasher::new();
+    body.hash(&mut hasher);
+    let etag = format!("\"{:016x}\"", hasher.finish());
+    let not_modified = if_none_match(req, &etag);
+    let mut res = if not_modified {
+        HttpResponse::NotModified()
+    } else {
+        HttpResponse::Ok()
+    };
+    res.insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, "no-cache"));
+    if params.wait.is_zero() && collected.is_empty() {
+        res.insert_header((header::RETRY_AFTER, settings.poll_retry_after.to_string()));
+    }
+    if not_modified {
+        return res.finish();
+    }
+    res.content_type("application/json").body(body.freeze())
+}
+
+fn if_none_match(req: &HttpRequest, etag: &str) -> bool {
+    req.headers()
+        .get_all(header::IF_NONE_MATCH)
+        .filter_map(|v: &HeaderValue| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().trim_start_matches("W/"))
+        .any(|v| v == etag || v == "*")
+}
