@@ -6,6 +6,7 @@
 //! them fails and says how to start them.
 
 pub mod lossy;
+pub mod process;
 pub mod proxy;
 
 use std::{
@@ -18,6 +19,7 @@ use rt_core::{Context, bus::Bus, config::Settings, server::Application};
 use sqlx::{Connection, Executor, PgConnection};
 
 pub use lossy::LossyBus;
+pub use process::ServiceProcess;
 pub use proxy::TcpProxy;
 
 const HOW_TO_START: &str =

@@ -129,3 +129,75 @@ async fn a_non_loopback_bind_without_a_key_refuses_to_start() {
         .expect_err("must refuse");
     assert!(err.to_string().contains("--allow-anonymous"), "{err}");
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// A token signed with a private key of `tests/fixtures`.
+fn signed(alg: jsonwebtoken::Algorithm, private_pem: &str) -> String {
+    let pem = std::fs::read(fixture(private_pem)).unwrap();
+    let key = match alg {
+        jsonwebtoken::Algorithm::ES256 => EncodingKey::from_ec_pem(&pem).unwrap(),
+        _ => EncodingKey::from_rsa_pem(&pem).unwrap(),
+    };
+    let exp = chrono::Utc::now().timestamp() + 300;
+    let claims = json!({"sub": "k", "exp": exp, "publish": ["news"], "subscribe": ["news"]});
+    encode(&Header::new(alg), &claims, &key).unwrap()
+}
+
+async fn public_key_tokens_verify(public: &str, alg: jsonwebtoken::Algorithm, private: &str) {
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.jwt_public_key = Some(fixture(public));
+    })
+    .await;
+    let post = |token: String| {
+        app.http
+            .post(app.url("/v1/topics/news/events"))
+            .bearer_auth(token)
+            .json(&json!({"data": 1}))
+            .send()
+    };
+    let good = post(signed(alg, private)).await.unwrap();
+    assert_eq!(good.status(), 201, "a token signed with the matching key");
+    // The other algorithm's key, and an HS256 token, are refused.
+    let (other_alg, other_key) = match alg {
+        jsonwebtoken::Algorithm::ES256 => (jsonwebtoken::Algorithm::RS256, "rs256-private.pem"),
+        _ => (jsonwebtoken::Algorithm::ES256, "es256-private.pem"),
+    };
+    let res = post(signed(other_alg, other_key)).await.unwrap();
+    assert_eq!(error_code(res).await, (401, "invalid_token".into()));
+    let res = post(token(SECRET, 300, &["news"])).await.unwrap();
+    assert_eq!(error_code(res).await, (401, "invalid_token".into()));
+    // Polling checks the same token.
+    let res = app
+        .http
+        .get(app.url("/v1/topics/news/events"))
+        .bearer_auth(signed(alg, private))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn es256_tokens_verify_with_the_configured_public_key() {
+    public_key_tokens_verify(
+        "es256-public.pem",
+        jsonwebtoken::Algorithm::ES256,
+        "es256-private.pem",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rs256_tokens_verify_with_the_configured_public_key() {
+    public_key_tokens_verify(
+        "rs256-public.pem",
+        jsonwebtoken::Algorithm::RS256,
+        "rs256-private.pem",
+    )
+    .await;
+}
