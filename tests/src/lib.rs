@@ -8,14 +8,19 @@
 pub mod lossy;
 pub mod process;
 pub mod proxy;
+pub mod sse;
 
 use std::{
     sync::{Arc, Once},
     time::Duration,
 };
 
-use actix_web::dev::ServerHandle;
-use rt_core::{Context, bus::Bus, config::Settings, server::Application};
+use rt_core::{
+    Context,
+    bus::Bus,
+    config::Settings,
+    server::{Application, StopHandle},
+};
 use sqlx::{Connection, Executor, PgConnection};
 
 pub use lossy::LossyBus;
@@ -40,6 +45,7 @@ pub fn nats_url() -> String {
 pub fn configure_all(cfg: &mut actix_web::web::ServiceConfig) {
     rt_publisher::configure(cfg);
     rt_poll_api::configure(cfg);
+    rt_sse_edge::configure(cfg);
 }
 
 /// A subject prefix no other test uses.
@@ -172,7 +178,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub prefix: String,
     pub db: Option<TestDb>,
-    handle: ServerHandle,
+    handle: StopHandle,
     _dir: Option<TempDir>,
 }
 
@@ -224,7 +230,7 @@ impl TestApp {
     ) -> TestApp {
         let app = Application::build(ctx.clone(), configure_all).expect("bind");
         let base = format!("http://127.0.0.1:{}", app.port());
-        let handle = app.handle();
+        let handle = app.stop_handle();
         tokio::spawn(app.run_until_stopped());
         TestApp {
             base,
@@ -292,6 +298,11 @@ impl TestApp {
         (seqs(&body), body["next"].as_u64().expect("next in answer"))
     }
 
+    /// A handle that stops the server (shutdown signal first).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.handle.clone()
+    }
+
     /// Stops the server, finishing requests in flight.
     pub async fn stop(&self) {
         self.handle.stop(true).await;
@@ -300,7 +311,11 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        drop(self.handle.stop(false));
+        let handle = self.handle.clone();
+        // Stopping is async: let the runtime finish it (or drop it with the test).
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { handle.stop(false).await });
+        }
     }
 }
 

@@ -82,7 +82,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let ctx = Context::connect(settings).await?;
     let app = Application::build(ctx, rt_publisher::configure)?;
     let base = format!("http://127.0.0.1:{}", app.port());
-    let handle = app.handle();
+    let handle = app.stop_handle();
     tokio::spawn(app.run_until_stopped());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)

@@ -129,6 +129,39 @@ pub struct Settings {
     #[arg(long, env = "RT_HEAD_CHECK_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     pub head_check_interval: Duration,
 
+    /// Most topics one poll, cursor, stream or socket may name.
+    #[arg(long, env = "RT_MAX_TOPICS", default_value_t = 100)]
+    pub max_topics: usize,
+
+    /// Most SSE streams one process serves at once; more are refused with 503.
+    #[arg(long, env = "RT_SSE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub sse_max_connections: usize,
+
+    /// How often an idle SSE stream gets a heartbeat comment.
+    #[arg(long, env = "RT_SSE_HEARTBEAT", value_parser = parse_duration, default_value = "15s")]
+    pub sse_heartbeat: Duration,
+
+    /// The `retry:` hint sent at the start of an SSE stream: how long a
+    /// browser waits before reconnecting.
+    #[arg(long, env = "RT_SSE_RETRY", value_parser = parse_duration, default_value = "2s")]
+    pub sse_retry: Duration,
+
+    /// Origins allowed to call the APIs from a browser (CORS), comma-separated,
+    /// e.g. `https://app.example.com`; `*` allows any origin. Credentials
+    /// (cookies) are allowed for the listed origins. Empty: no CORS headers.
+    #[arg(long, env = "RT_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Close a connection whose sent data stays unacknowledged this long (a
+    /// client that stopped reading); 0 turns it off (TCP_USER_TIMEOUT, Linux).
+    #[arg(long, env = "RT_TCP_USER_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub tcp_user_timeout: Duration,
+
+    /// Kernel send buffer per connection, in bytes (SO_SNDBUF), bounding what
+    /// a stalled client holds. None: the kernel's autotuning.
+    #[arg(long, env = "RT_TCP_SEND_BUFFER")]
+    pub tcp_send_buffer: Option<usize>,
+
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "RT_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
@@ -175,6 +208,13 @@ impl Default for Settings {
             hub_queue: 1024,
             hub_linger: Duration::from_secs(30),
             head_check_interval: Duration::from_secs(2),
+            max_topics: 100,
+            sse_max_connections: 10_000,
+            sse_heartbeat: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(2),
+            cors_origins: Vec::new(),
+            tcp_user_timeout: Duration::from_secs(30),
+            tcp_send_buffer: None,
             http_workers: None,
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,

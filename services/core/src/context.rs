@@ -7,7 +7,9 @@ use crate::{
     auth::Auth,
     bus::{Bus, MemoryBus, NatsBus},
     config::Settings,
+    gate::Gate,
     hub::{Hub, HubConfig},
+    shutdown::Shutdown,
     metrics::Metrics,
     publish::Publisher,
     store::{PgStore, Retention, SqliteStore, Store},
@@ -23,6 +25,10 @@ pub struct Context {
     pub publisher: Publisher,
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
+    /// Set when the process starts stopping.
+    pub shutdown: Shutdown,
+    /// Open SSE streams, against `--sse-max-connections`.
+    pub sse_gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for Context {
@@ -105,6 +111,8 @@ impl Context {
             publisher,
             hub,
             metrics,
+            shutdown: Shutdown::new(),
+            sse_gate: Arc::default(),
         })
     }
 }

@@ -20,7 +20,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, RwLock, Weak},
+    sync::{Arc, Mutex, OnceLock, RwLock, Weak},
     time::{Duration, Instant},
 };
 
@@ -41,18 +41,43 @@ const FILL_PAGE: u32 = 500;
 /// Most topics in one head-check query.
 const HEAD_CHECK_CHUNK: usize = 1000;
 
-/// A committed event with its JSON text, encoded once per process.
+/// A committed event with its JSON text, encoded once per process, and each
+/// edge's framing of it, also built once and shared by every connection.
 #[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
     /// `{"topic","seq","type","data","time"}`: the event as every transport shows it.
     pub json: Bytes,
+    sse: OnceLock<Bytes>,
+    ws: OnceLock<Bytes>,
+}
+
+/// The edge framings a [`SharedEvent`] keeps once built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Sse,
+    WebSocket,
 }
 
 impl SharedEvent {
     pub fn new(event: Event) -> Arc<SharedEvent> {
         let json = Bytes::from(event.to_json());
-        Arc::new(SharedEvent { event, json })
+        Arc::new(SharedEvent {
+            event,
+            json,
+            sse: OnceLock::new(),
+            ws: OnceLock::new(),
+        })
+    }
+
+    /// The edge's framing of this event: built by `build` the first time it
+    /// is asked for, then shared.
+    pub fn framed(&self, framing: Framing, build: impl FnOnce(&SharedEvent) -> Bytes) -> &Bytes {
+        let slot = match framing {
+            Framing::Sse => &self.sse,
+            Framing::WebSocket => &self.ws,
+        };
+        slot.get_or_init(|| build(self))
     }
 
     pub fn seq(&self) -> u64 {
@@ -91,6 +116,8 @@ pub enum HubError {
     NotReady(Topic),
     #[error("the live feed of topic {0} stopped")]
     Closed(Topic),
+    #[error("the subscriber fell more than the queue behind topic {0}")]
+    Lagged(Topic),
 }
 
 /// Events after a position, with the topic's counters as the reader knows them.
@@ -388,6 +415,10 @@ pub struct Follower {
     pending_reset: Option<u64>,
     caught_up: bool,
     page: u32,
+    /// Streams close a subscriber that falls behind instead of letting it
+    /// catch up from the log forever.
+    fail_on_lag: bool,
+    lagged_out: bool,
 }
 
 impl std::fmt::Debug for Follower {
@@ -417,7 +448,17 @@ impl Follower {
             pending_reset: None,
             caught_up: false,
             page: page.clamp(1, FILL_PAGE),
+            fail_on_lag: false,
+            lagged_out: false,
         })
+    }
+
+    /// Makes falling more than the hub's queue behind an error
+    /// ([`HubError::Lagged`]) instead of a catch-up from the log: for
+    /// streams, whose clients resume from their last position.
+    pub fn fail_on_lag(mut self) -> Follower {
+        self.fail_on_lag = true;
+        self
     }
 
     pub fn topic(&self) -> &Topic {
@@ -439,6 +480,9 @@ impl Follower {
     /// The next delivery, waiting for a live event when there is none.
     pub async fn next(&mut self) -> Result<Delivery, HubError> {
         loop {
+            if self.lagged_out {
+                return Err(HubError::Lagged(self.topic().clone()));
+            }
             if let Some(d) = self.pop_ready() {
                 return Ok(d);
             }
@@ -541,6 +585,7 @@ impl Follower {
     fn lagged(&mut self) {
         self.sub.hub.inner.metrics.hub_lagged.inc();
         self.caught_up = false;
+        self.lagged_out = self.fail_on_lag;
     }
 }
 

@@ -11,7 +11,8 @@
 //!   filling, a recent-events cache, and resume from a client's position;
 //! - [`auth`]: JWT bearer tokens and topic patterns;
 //! - [`telemetry`], [`metrics`], [`ops`]: logs and traces, Prometheus, health routes;
-//! - [`context`], [`server`]: what a service holds, and how it starts and stops.
+//! - [`context`], [`server`], [`shutdown`]: what a service holds, and how it
+//!   starts and stops.
 
 pub mod auth;
 pub mod bus;
@@ -19,13 +20,16 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod gate;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod ops;
 pub mod proto;
 pub mod publish;
+pub mod query;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 

@@ -1,8 +1,8 @@
 //! Prometheus metrics of one service process, served at `/metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The metrics every service shares. Each [`crate::Context`] has its own
@@ -21,6 +21,8 @@ pub struct Metrics {
     pub hub_fills: IntCounterVec,
     pub hub_reads: IntCounterVec,
     pub hub_lagged: IntCounter,
+    pub streams_open: IntGaugeVec,
+    pub streams_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -83,6 +85,19 @@ impl Metrics {
             "Local subscribers that fell behind the live hub and caught up from the log",
         )
         .expect("valid metric");
+        let streams_open = IntGaugeVec::new(
+            Opts::new("streams_open", "Open long-lived connections, by kind (sse, ws)"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let streams_closed = IntCounterVec::new(
+            Opts::new(
+                "streams_closed_total",
+                "Long-lived connections closed by the server, by kind and reason",
+            ),
+            &["kind", "reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(events_committed.clone()),
@@ -95,6 +110,8 @@ impl Metrics {
             Box::new(hub_fills.clone()),
             Box::new(hub_reads.clone()),
             Box::new(hub_lagged.clone()),
+            Box::new(streams_open.clone()),
+            Box::new(streams_closed.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -111,6 +128,8 @@ impl Metrics {
             hub_fills,
             hub_reads,
             hub_lagged,
+            streams_open,
+            streams_closed,
         }
     }
 

@@ -8,14 +8,12 @@ use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
     http::{parse_json, read_body},
+    query::{QueryPairs, check_topic_count, parse_position},
     store::CursorRecord,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::poll::{
-    PollParams, QueryPairs, answer, check_topic_count, collect, parse_position, position_of,
-    start_followers,
-};
+use crate::poll::{PollParams, answer, collect, position_of, start_followers};
 
 /// A cursor as clients see it.
 #[derive(Debug, Serialize)]
@@ -117,7 +115,7 @@ pub(crate) async fn create(
             topics.push(topic);
         }
     }
-    check_topic_count(&topics)?;
+    check_topic_count(&topics, ctx.settings.max_topics)?;
     for topic in &topics {
         principal.require_subscribe(topic)?;
     }
@@ -130,7 +128,7 @@ pub(crate) async fn create(
                 .map(|t| (t.clone(), heads.get(t).map_or(0, |h| h.last_seq)))
                 .collect()
         }
-        Some(position) => parse_position(position, &topics)?,
+        Some(position) => parse_position(position, &topics, "invalid_position")?,
     };
     let (cursor, created) = ctx.store.create_cursor(&name, &topics, &start).await?;
     if !created {
@@ -208,7 +206,7 @@ pub(crate) async fn read(
     let cursor = load(&ctx, &principal, &name).await?;
     let mut followers =
         start_followers(&ctx, &cursor.topics, &cursor.position, params.limit).await?;
-    let collected = collect(&mut followers, params.limit, params.wait).await?;
+    let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = serde_json::to_string(&position_of(&followers).to_string())
         .map_err(|e| ApiError::internal(e.into()))?;
     Ok(answer(&req, &ctx.settings, &params, collected, &next))
@@ -226,7 +224,7 @@ pub(crate) async fn commit(
     let body = read_body(payload, ctx.settings.max_body_bytes).await?;
     let body: CommitBody = parse_json(&body)?;
     let cursor = load(&ctx, &principal, &name).await?;
-    let position = parse_position(&body.position, &cursor.topics)?;
+    let position = parse_position(&body.position, &cursor.topics, "invalid_position")?;
     let topics: Vec<Topic> = position.iter().map(|(t, _)| t.clone()).collect();
     let heads = ctx.store.heads(&topics).await?;
     for (topic, seq) in position.iter() {

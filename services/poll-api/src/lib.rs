@@ -19,8 +19,6 @@ mod poll;
 
 use actix_web::{guard, web};
 
-pub use poll::MAX_TOPICS;
-
 /// Adds the poll-api routes. Resources carry method guards so that the
 /// publisher's POST routes on the same paths can live in the same process.
 pub fn configure(cfg: &mut web::ServiceConfig) {

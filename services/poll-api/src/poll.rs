@@ -16,13 +16,12 @@ use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
     config::Settings,
-    event::{PositionError, parse_seq},
+    event::parse_seq,
     hub::{Delivery, Follower, HubError, SharedEvent},
+    query::{self, QueryPairs},
+    shutdown::Shutdown,
 };
 use serde::Serialize;
-
-/// Most topics one poll or cursor may name.
-pub const MAX_TOPICS: usize = 100;
 
 /// The parameters every poll shares.
 #[derive(Debug)]
@@ -30,9 +29,6 @@ pub(crate) struct PollParams {
     pub(crate) limit: u32,
     pub(crate) wait: Duration,
 }
-
-/// Raw query pairs, in order (repeated keys such as `topic` allowed).
-pub(crate) type QueryPairs = web::Query<Vec<(String, String)>>;
 
 impl PollParams {
     /// Reads `limit` and `wait` from the query, checked against the settings.
@@ -79,18 +75,6 @@ fn parse_wait(value: &str, max: Duration) -> Result<Duration, ApiError> {
     }
 }
 
-fn single(query: &[(String, String)], key: &str) -> Result<Option<String>, ApiError> {
-    let mut values = query.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
-    let first = values.next().cloned();
-    if values.next().is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("{key} may be given once"),
-        ));
-    }
-    Ok(first)
-}
-
 /// `GET /v1/topics/{topic}/events?after=N&limit=L&wait=S`
 pub(crate) async fn poll_topic(
     ctx: web::Data<Context>,
@@ -101,7 +85,7 @@ pub(crate) async fn poll_topic(
 ) -> Result<HttpResponse, ApiError> {
     let topic = Topic::parse(&path)?;
     let params = PollParams::parse(&query, &ctx.settings)?;
-    let after = match single(&query, "after")? {
+    let after = match query::single(&query, "after")? {
         None => 0,
         Some(v) => parse_seq(&v).ok_or_else(|| {
             ApiError::bad_request(
@@ -112,7 +96,7 @@ pub(crate) async fn poll_topic(
     };
     principal.require_subscribe(&topic)?;
     let mut followers = vec![Follower::start(&ctx.hub, &topic, after, params.limit).await?];
-    let collected = collect(&mut followers, params.limit, params.wait).await?;
+    let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = followers[0].position().to_string();
     Ok(answer(&req, &ctx.settings, &params, collected, &next))
 }
@@ -124,24 +108,17 @@ pub(crate) async fn poll_topics(
     query: QueryPairs,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let mut topics = Vec::new();
-    for (_, name) in query.iter().filter(|(k, _)| k == "topic") {
-        let topic = Topic::parse(name)?;
-        if !topics.contains(&topic) {
-            topics.push(topic);
-        }
-    }
-    check_topic_count(&topics)?;
+    let topics = query::topics(&query, ctx.settings.max_topics)?;
     let params = PollParams::parse(&query, &ctx.settings)?;
-    let after = match single(&query, "after")? {
+    let after = match query::single(&query, "after")? {
         None => Position::default(),
-        Some(v) => parse_position(&v, &topics)?,
+        Some(v) => query::parse_position(&v, &topics, "invalid_position")?,
     };
     for topic in &topics {
         principal.require_subscribe(topic)?;
     }
     let mut followers = start_followers(&ctx, &topics, &after, params.limit).await?;
-    let collected = collect(&mut followers, params.limit, params.wait).await?;
+    let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = position_of(&followers).to_string();
     Ok(answer(
         &req,
@@ -150,37 +127,6 @@ pub(crate) async fn poll_topics(
         collected,
         &json_string(&next),
     ))
-}
-
-/// Checks that a poll or cursor names 1 to [`MAX_TOPICS`] topics.
-pub(crate) fn check_topic_count(topics: &[Topic]) -> Result<(), ApiError> {
-    if topics.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_topic",
-            "name at least one topic (topic=a&topic=b)",
-        ));
-    }
-    if topics.len() > MAX_TOPICS {
-        return Err(ApiError::bad_request(
-            "too_many_topics",
-            format!("{} topics named; the maximum is {MAX_TOPICS}", topics.len()),
-        ));
-    }
-    Ok(())
-}
-
-/// Parses a position whose topics must all be among `topics`.
-pub(crate) fn parse_position(value: &str, topics: &[Topic]) -> Result<Position, ApiError> {
-    let position = Position::parse(value).map_err(|e: PositionError| {
-        ApiError::bad_request("invalid_position", format!("{e} (expected a:12,b:40)"))
-    })?;
-    if let Some((stray, _)) = position.iter().find(|(t, _)| !topics.contains(t)) {
-        return Err(ApiError::bad_request(
-            "invalid_position",
-            format!("the position names topic {stray}, which is not among the topics asked for"),
-        ));
-    }
-    Ok(position)
 }
 
 pub(crate) async fn start_followers(
@@ -233,10 +179,12 @@ impl Collected {
 /// Up to `limit` events from the followers: whatever is at hand (the log
 /// first, then live), or, when there is nothing, the first live event within
 /// `wait`. Topics take turns, so one busy topic cannot starve the others.
+/// A shutdown ends the wait early.
 pub(crate) async fn collect(
     followers: &mut [Follower],
     limit: u32,
     wait: Duration,
+    shutdown: &Shutdown,
 ) -> Result<Collected, HubError> {
     let limit = limit as usize;
     let deadline = Instant::now() + wait;
@@ -274,10 +222,15 @@ pub(crate) async fn collect(
             break;
         }
         let waits: Vec<_> = followers.iter_mut().map(|f| Box::pin(f.next())).collect();
-        match tokio::time::timeout(remaining, futures_util::future::select_all(waits)).await {
-            Ok((Ok(d), _, _)) => out.push(d),
-            Ok((Err(e), _, _)) => return Err(e),
-            Err(_) => break,
+        let first = tokio::time::timeout(remaining, futures_util::future::select_all(waits));
+        tokio::select! {
+            first = first => match first {
+                Ok((Ok(d), _, _)) => out.push(d),
+                Ok((Err(e), _, _)) => return Err(e),
+                Err(_) => break,
+            },
+            // Stopping: answer now, so the client polls another replica.
+            () = shutdown.started() => break,
         }
     }
     Ok(out)

@@ -8,7 +8,8 @@ use clap::Parser;
 use rt_core::config::Settings;
 
 /// Real-time event delivery: publish over HTTP, poll (short and long) with
-/// positions or named cursors; every service in one process.
+/// positions or named cursors, stream Server-Sent Events; every service in
+/// one process.
 #[derive(Parser)]
 #[command(name = "realtime", version)]
 struct Args {
@@ -19,6 +20,7 @@ struct Args {
 fn configure(cfg: &mut actix_web::web::ServiceConfig) {
     rt_publisher::configure(cfg);
     rt_poll_api::configure(cfg);
+    rt_sse_edge::configure(cfg);
 }
 
 #[tokio::main]

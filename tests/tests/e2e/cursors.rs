@@ -102,7 +102,9 @@ async fn cursor_reads_repeat_until_committed(app: &TestApp) {
     assert_eq!(body["position"], "a:3,b:1");
 
     app.publish_ok("a", json!("new")).await;
-    let (_, body) = app.get_json("/v1/cursors/worker/events").await;
+    // The topics' feeds are live now: the event reaches this process over the
+    // bus a moment after the publish is acknowledged, so wait for it.
+    let (_, body) = app.get_json("/v1/cursors/worker/events?wait=10").await;
     assert_eq!(topic_seqs(&body), [("a".into(), 4)]);
     assert_eq!(body["next"], "a:4,b:1");
     post(app, "/v1/cursors/worker/commit", json!({"position": "a:4"})).await;

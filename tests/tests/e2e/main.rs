@@ -1,5 +1,5 @@
-//! End-to-end tests of the spine against real PostgreSQL and NATS, and the
-//! embedded default (SQLite + in-process bus).
+//! End-to-end tests against real PostgreSQL and NATS, and the embedded
+//! default (SQLite + in-process bus).
 
 mod auth;
 mod bad_input;
@@ -9,3 +9,4 @@ mod poll;
 mod poll_errors;
 mod publish;
 mod retention;
+mod sse;

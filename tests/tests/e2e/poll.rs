@@ -287,9 +287,11 @@ async fn short_polls_answer_304_when_nothing_is_new() {
     assert!(res.bytes().await.unwrap().is_empty());
 
     app.publish_ok("s", json!(2)).await;
+    // The event reaches the topic's live feed a moment after the publish is
+    // acknowledged: a short wait covers that.
     let res = app
         .http
-        .get(&url)
+        .get(format!("{url}&wait=10"))
         .header("If-None-Match", &etag)
         .send()
         .await

@@ -1,0 +1,408 @@
+//! The sse-edge service: events as Server-Sent Events, which a browser's
+//! `EventSource` consumes as is.
+//!
+//! `GET /v1/sse?topic=a&topic=b` answers `text/event-stream`:
+//!
+//! ```text
+//! retry: 2000
+//!
+//! id: a:13,b:40
+//! event: message
+//! data: {"topic":"a","seq":13,"type":"message","data":...,"time":"..."}
+//!
+//! : heartbeat
+//! ```
+//!
+//! Each `id:` is the connection's full position (every topic of the stream),
+//! so a reconnect with `Last-Event-ID` (or `lastEventId=` in the query)
+//! resumes exactly: the log after it first, then live, with no gap and no
+//! duplicate. A first connect may give `after=N` (one topic) or
+//! `after=a:12,b:40`. A position older than retention gets an `event: reset`
+//! with `{"topic","from"}`, then the stream goes on after `from`.
+//!
+//! A client that falls more than the hub's queue behind is sent a closing
+//! comment and disconnected; it resumes from the log when it reconnects. On
+//! shutdown every stream ends with a comment and a short `retry:`, so
+//! browsers reconnect (to another replica) at once.
+
+use std::{sync::Arc, time::Duration};
+
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream;
+use rt_core::{
+    ApiError, Context, Position, Topic,
+    auth::Principal,
+    event::parse_seq,
+    gate::Pass,
+    hub::{Delivery, Follower, Framing, HubError, SharedEvent},
+    metrics::Metrics,
+    query::{self, QueryPairs},
+    shutdown::Shutdown,
+};
+use serde::Serialize;
+
+/// Most events sent in one chunk of the stream.
+const CHUNK_EVENTS: usize = 64;
+/// Most bytes gathered into one chunk before it is sent.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Events read from the log per query while a stream catches up.
+const PAGE: u32 = 500;
+/// The `retry:` sent with the closing comment on shutdown: reconnect soon.
+const SHUTDOWN_RETRY_MS: u64 = 250;
+
+/// Adds `GET /v1/sse`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/sse").route(web::get().to(open_stream)));
+}
+
+/// `GET /v1/sse?topic=a&topic=b[&after=...]`, resuming from `Last-Event-ID`.
+async fn open_stream(
+    ctx: web::Data<Context>,
+    principal: Principal,
+    query: QueryPairs,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let topics = query::topics(&query, ctx.settings.max_topics)?;
+    let start = resume_position(&req, &query, &topics)?;
+    for topic in &topics {
+        principal.require_subscribe(topic)?;
+    }
+    let max = ctx.settings.sse_max_connections;
+    let pass = ctx.sse_gate.try_enter(max).ok_or_else(|| {
+        ApiError::unavailable(
+            "too_many_connections",
+            format!("this server already holds its maximum of {max} streams; retry later"),
+            anyhow::anyhow!("SSE connection limit reached"),
+        )
+    })?;
+    let mut followers = Vec::with_capacity(topics.len());
+    for topic in &topics {
+        let after = start.get(topic);
+        followers.push(
+            Follower::start(&ctx.hub, topic, after, PAGE)
+                .await?
+                .fail_on_lag(),
+        );
+    }
+    let conn = Conn::new(&ctx, followers, start, pass);
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(conn.into_stream()))
+}
+
+/// Where a stream starts: `Last-Event-ID`, else `lastEventId=`, else
+/// `after=` (a seq for one topic, or a position), else the beginning.
+fn resume_position(
+    req: &HttpRequest,
+    query: &[(String, String)],
+    topics: &[Topic],
+) -> Result<Position, ApiError> {
+    let header = match req.headers().get("Last-Event-ID") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not ASCII text")
+        })?),
+        None => None,
+    };
+    if let Some(id) = header.filter(|id| !id.is_empty()) {
+        return query::parse_position(id, topics, "invalid_last_event_id");
+    }
+    if let Some(id) = query::single(query, "lastEventId")?.filter(|id| !id.is_empty()) {
+        return query::parse_position(&id, topics, "invalid_last_event_id");
+    }
+    match query::single(query, "after")? {
+        None => Ok(Position::default()),
+        Some(v) => match (topics, parse_seq(&v)) {
+            ([topic], Some(seq)) => Ok([(topic.clone(), seq)].into_iter().collect()),
+            _ => query::parse_position(&v, topics, "invalid_position"),
+        },
+    }
+}
+
+/// Why the server ends a stream.
+#[derive(Debug, Clone, Copy)]
+enum Closing {
+    Shutdown,
+    TooSlow,
+    Unavailable,
+}
+
+impl Closing {
+    fn reason(self) -> &'static str {
+        match self {
+            Closing::Shutdown => "shutdown",
+            Closing::TooSlow => "too_slow",
+            Closing::Unavailable => "unavailable",
+        }
+    }
+
+    /// The last bytes of the stream: a comment saying why, and for a
+    /// shutdown a short retry so browsers reconnect elsewhere at once.
+    fn farewell(self) -> Bytes {
+        Bytes::from(match self {
+            Closing::Shutdown => format!(
+                ": closing: the server is shutting down; reconnect with Last-Event-ID\nretry: {SHUTDOWN_RETRY_MS}\n\n"
+            ),
+            Closing::TooSlow => ": closing: too slow: the client fell too far behind; reconnect with Last-Event-ID to resume from the log\n\n".to_owned(),
+            Closing::Unavailable => ": closing: the event log is unavailable; reconnect with Last-Event-ID later\n\n".to_owned(),
+        })
+    }
+}
+
+impl From<HubError> for Closing {
+    fn from(e: HubError) -> Self {
+        match e {
+            HubError::Lagged(_) => Closing::TooSlow,
+            other => {
+                tracing::warn!(error = %other, "closing an SSE stream");
+                Closing::Unavailable
+            }
+        }
+    }
+}
+
+enum Phase {
+    Opening,
+    Open,
+    Done,
+}
+
+/// What woke a waiting stream.
+enum Woke {
+    Delivery(Result<Delivery, HubError>),
+    Heartbeat,
+    Shutdown,
+}
+
+/// One SSE connection: its followers, position and timers.
+struct Conn {
+    followers: Vec<Follower>,
+    position: Position,
+    heartbeat: tokio::time::Interval,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    retry: Duration,
+    phase: Phase,
+    _pass: Pass,
+}
+
+impl Conn {
+    fn new(ctx: &Context, followers: Vec<Follower>, start: Position, pass: Pass) -> Conn {
+        // Every topic appears in the id, at 0 when the client had no position.
+        let position = followers
+            .iter()
+            .map(|f| (f.topic().clone(), start.get(f.topic())))
+            .collect();
+        let every = ctx.settings.sse_heartbeat.max(Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ctx.metrics.streams_open.with_label_values(&["sse"]).inc();
+        Conn {
+            followers,
+            position,
+            heartbeat,
+            shutdown: ctx.shutdown.clone(),
+            metrics: ctx.metrics.clone(),
+            retry: ctx.settings.sse_retry,
+            phase: Phase::Opening,
+            _pass: pass,
+        }
+    }
+
+    fn into_stream(self) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
+        stream::unfold(self, |mut conn| async move {
+            let chunk = match conn.phase {
+                Phase::Done => return None,
+                Phase::Opening => {
+                    conn.phase = Phase::Open;
+                    Bytes::from(format!("retry: {}\n\n", conn.retry.as_millis()))
+                }
+                Phase::Open => match conn.next_chunk().await {
+                    Ok(chunk) => chunk,
+                    Err(closing) => {
+                        conn.phase = Phase::Done;
+                        conn.metrics
+                            .streams_closed
+                            .with_label_values(&["sse", closing.reason()])
+                            .inc();
+                        closing.farewell()
+                    }
+                },
+            };
+            Some((Ok(chunk), conn))
+        })
+    }
+
+    /// The next bytes to send: the events at hand (log first, then live), or
+    /// a heartbeat when nothing came within the interval.
+    async fn next_chunk(&mut self) -> Result<Bytes, Closing> {
+        let mut buf = BytesMut::new();
+        let mut events = 0;
+        loop {
+            if self.shutdown.is_started() {
+                return Err(Closing::Shutdown);
+            }
+            // Topics take turns, so one busy topic cannot starve the others.
+            let mut progressed = true;
+            while progressed && events < CHUNK_EVENTS && buf.len() < CHUNK_BYTES {
+                progressed = false;
+                for i in 0..self.followers.len() {
+                    if let Some(d) = self.followers[i].try_next() {
+                        self.frame(d, &mut buf);
+                        events += 1;
+                        progressed = true;
+                    }
+                }
+            }
+            if !buf.is_empty() {
+                self.heartbeat.reset();
+                return Ok(buf.freeze());
+            }
+            let mut read = false;
+            for f in self.followers.iter_mut().filter(|f| !f.is_caught_up()) {
+                f.catch_up().await?;
+                read = true;
+            }
+            if read {
+                continue;
+            }
+            let woke = {
+                let waits: Vec<_> = self
+                    .followers
+                    .iter_mut()
+                    .map(|f| Box::pin(f.next()))
+                    .collect();
+                tokio::select! {
+                    (first, _, _) = futures_util::future::select_all(waits) => Woke::Delivery(first),
+                    _ = self.heartbeat.tick() => Woke::Heartbeat,
+                    () = self.shutdown.started() => Woke::Shutdown,
+                }
+            };
+            match woke {
+                Woke::Delivery(d) => {
+                    self.frame(d?, &mut buf);
+                    events += 1;
+                }
+                Woke::Heartbeat => return Ok(Bytes::from_static(b": heartbeat\n\n")),
+                Woke::Shutdown => return Err(Closing::Shutdown),
+            }
+        }
+    }
+
+    /// Appends one delivery as an SSE event whose id is the position after it.
+    fn frame(&mut self, delivery: Delivery, buf: &mut BytesMut) {
+        match delivery {
+            Delivery::Event(event) => {
+                self.position.set(event.event.topic.clone(), event.seq());
+                put_id(buf, &self.position);
+                buf.put_slice(event.framed(Framing::Sse, sse_fields));
+            }
+            Delivery::Reset { topic, from } => {
+                self.position.set(topic.clone(), from);
+                put_id(buf, &self.position);
+                #[derive(Serialize)]
+                struct Reset<'a> {
+                    topic: &'a Topic,
+                    from: u64,
+                }
+                // unwrap: a name and a number always serialize
+                let data = serde_json::to_string(&Reset {
+                    topic: &topic,
+                    from,
+                })
+                .expect("reset serializes");
+                buf.put_slice(b"event: reset\ndata: ");
+                buf.put_slice(data.as_bytes());
+                buf.put_slice(b"\n\n");
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.metrics.streams_open.with_label_values(&["sse"]).dec();
+    }
+}
+
+fn put_id(buf: &mut BytesMut, position: &Position) {
+    buf.put_slice(b"id: ");
+    buf.put_slice(position.to_string().as_bytes());
+    buf.put_u8(b'\n');
+}
+
+/// `event:` and `data:` lines of an event, built once per event and shared
+/// by every stream. The event JSON is one line unless the publisher's data
+/// held line breaks; each line then gets its own `data:` field, which
+/// EventSource joins back with `\n`.
+fn sse_fields(event: &SharedEvent) -> Bytes {
+    let mut buf = BytesMut::with_capacity(event.json.len() + event.event.event_type.len() + 16);
+    buf.put_slice(b"event: ");
+    buf.put_slice(event.event.event_type.as_bytes());
+    buf.put_u8(b'\n');
+    // SSE ends a line at CRLF, LF or a lone CR.
+    let json = &event.json[..];
+    let mut start = 0;
+    let mut i = 0;
+    while i <= json.len() {
+        let end_here = i == json.len() || json[i] == b'\n' || json[i] == b'\r';
+        if end_here {
+            buf.put_slice(b"data: ");
+            buf.put_slice(&json[start..i]);
+            buf.put_u8(b'\n');
+            if i + 1 < json.len() && json[i] == b'\r' && json[i + 1] == b'\n' {
+                i += 1;
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    buf.put_u8(b'\n');
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rt_core::Event;
+    use serde_json::value::RawValue;
+
+    fn shared(data: &str) -> Arc<SharedEvent> {
+        SharedEvent::new(Event {
+            topic: Topic::parse("t").unwrap(),
+            seq: 3,
+            event_type: "note".into(),
+            data: RawValue::from_string(data.into()).unwrap(),
+            time: chrono::DateTime::from_timestamp(0, 0).unwrap(),
+        })
+    }
+
+    #[test]
+    fn an_event_is_one_data_line() {
+        let e = shared(r#"{"a":1}"#);
+        assert_eq!(
+            sse_fields(&e),
+            Bytes::from(format!(
+                "event: note\ndata: {}\n\n",
+                String::from_utf8_lossy(&e.json)
+            ))
+        );
+    }
+
+    #[test]
+    fn line_breaks_in_data_become_several_data_lines() {
+        let e = shared("{\r\n\"a\":\r1\n}");
+        let text = String::from_utf8(sse_fields(&e).to_vec()).unwrap();
+        assert!(!text.contains('\r'), "{text:?}");
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.len(), 4, "{text:?}");
+        let joined = data.join("\n");
+        let parsed: serde_json::Value = serde_json::from_str(&joined).unwrap();
+        assert_eq!(parsed["data"]["a"], 1);
+    }
+}
