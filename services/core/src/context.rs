@@ -9,9 +9,9 @@ use crate::{
     config::Settings,
     gate::Gate,
     hub::{Hub, HubConfig},
-    shutdown::Shutdown,
     metrics::Metrics,
     publish::Publisher,
+    shutdown::Shutdown,
     store::{PgStore, Retention, SqliteStore, Store},
 };
 

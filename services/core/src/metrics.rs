@@ -86,7 +86,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let streams_open = IntGaugeVec::new(
-            Opts::new("streams_open", "Open long-lived connections, by kind (sse, ws)"),
+            Opts::new(
+                "streams_open",
+                "Open long-lived connections, by kind (sse, ws)",
+            ),
             &["kind"],
         )
         .expect("valid metric");

@@ -57,7 +57,8 @@ impl Application {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         let shutdown_secs = ctx.settings.shutdown_timeout.as_secs().max(1);
         let shutdown = ctx.shutdown.clone();
-        let (user_timeout, send_buffer) = (ctx.settings.tcp_user_timeout, ctx.settings.tcp_send_buffer);
+        let (user_timeout, send_buffer) =
+            (ctx.settings.tcp_user_timeout, ctx.settings.tcp_send_buffer);
         let data = web::Data::new(ctx);
         let server = HttpServer::new(move || {
             App::new()
@@ -274,7 +275,11 @@ async fn cors(
 /// Per-connection socket options: a stalled reader is dropped by the kernel
 /// after `user_timeout` of unacknowledged data, and holds at most
 /// `send_buffer` bytes there.
-fn tune_socket(conn: &dyn std::any::Any, user_timeout: std::time::Duration, send_buffer: Option<usize>) {
+fn tune_socket(
+    conn: &dyn std::any::Any,
+    user_timeout: std::time::Duration,
+    send_buffer: Option<usize>,
+) {
     let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
         return;
     };
