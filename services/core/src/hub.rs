@@ -454,8 +454,9 @@ impl Follower {
     }
 
     /// Makes falling more than the hub's queue behind an error
-    /// ([`HubError::Lagged`]) instead of a catch-up from the log: for
-    /// streams, whose clients resume from their last position.
+    /// ([`HubError::Lagged`], from the next call on) instead of a catch-up
+    /// from the log: for streams, whose clients resume from their last
+    /// position. Nothing more is handed out once it lagged.
     pub fn fail_on_lag(mut self) -> Follower {
         self.fail_on_lag = true;
         self
@@ -508,6 +509,9 @@ impl Follower {
     /// store (call [`Follower::catch_up`] when this returns `None` and the
     /// follower is not caught up).
     pub fn try_next(&mut self) -> Option<Delivery> {
+        if self.lagged_out {
+            return None;
+        }
         loop {
             if let Some(d) = self.pop_ready() {
                 return Some(d);
@@ -530,6 +534,9 @@ impl Follower {
     /// Reads the next page of the log after the position into the backlog.
     /// Does nothing while the backlog still holds events.
     pub async fn catch_up(&mut self) -> Result<(), HubError> {
+        if self.lagged_out {
+            return Err(HubError::Lagged(self.topic().clone()));
+        }
         if !self.backlog.is_empty() || self.pending_reset.is_some() {
             return Ok(());
         }

@@ -536,3 +536,73 @@ async fn cors_allows_listed_origins_with_credentials() {
         .unwrap();
     assert_eq!(error_code(preflight).await, (403, "forbidden".into()));
 }
+
+#[tokio::test]
+async fn a_client_that_falls_behind_is_told_it_was_too_slow() {
+    let app = TestApp::spawn(Engines::Distributed, |s| {
+        s.hub_queue = 16;
+        s.tcp_send_buffer = Some(8 * 1024);
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    tcp.write_all(format!("GET /v1/sse?topic=lag HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut seen = String::new();
+    while !seen.contains("retry:") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // The client pauses while far more than the queue is published.
+    let big = "x".repeat(1000);
+    for chunk in 0..5 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| json!({"topic": "lag", "data": {"i": chunk * 100 + i, "pad": big}}))
+            .collect();
+        let res = app
+            .http
+            .post(app.url("/v1/events"))
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Reading again: the stream ends with the reason, well before event 500.
+    let read_all = async {
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if seen.contains(": closing: too slow") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read_all)
+        .await
+        .expect("the stream ended");
+    assert!(
+        seen.contains(": closing: too slow"),
+        "{}",
+        &seen[seen.len().saturating_sub(300)..]
+    );
+    assert!(
+        !seen.contains("id: lag:500\n"),
+        "the lagging stream was cut, not served to the end"
+    );
+    let closed = app
+        .ctx
+        .metrics
+        .streams_closed
+        .with_label_values(&["sse", "too_slow"])
+        .get();
+    assert_eq!(closed, 1);
+}
