@@ -9,6 +9,7 @@ pub mod lossy;
 pub mod process;
 pub mod proxy;
 pub mod sse;
+pub mod ws;
 
 use std::{
     sync::{Arc, Once},
@@ -46,6 +47,7 @@ pub fn configure_all(cfg: &mut actix_web::web::ServiceConfig) {
     rt_publisher::configure(cfg);
     rt_poll_api::configure(cfg);
     rt_sse_edge::configure(cfg);
+    rt_ws_edge::configure(cfg);
 }
 
 /// A subject prefix no other test uses.

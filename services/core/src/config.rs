@@ -53,7 +53,7 @@ pub struct Settings {
     #[arg(long, env = "RT_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
-    /// Largest request body accepted, in bytes.
+    /// Largest request body (or WebSocket message) accepted, in bytes.
     #[arg(long, env = "RT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
@@ -152,6 +152,27 @@ pub struct Settings {
     #[arg(long, env = "RT_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
+    /// Most WebSocket connections one process holds; more are refused with 503.
+    #[arg(long, env = "RT_WS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub ws_max_connections: usize,
+
+    /// Frames waiting to be written to one WebSocket; a client that lets
+    /// more pile up is closed as too slow (it resubscribes with `after`).
+    #[arg(long, env = "RT_WS_QUEUE", default_value_t = 1024)]
+    pub ws_queue: usize,
+
+    /// How often the server pings an idle WebSocket.
+    #[arg(long, env = "RT_WS_PING_INTERVAL", value_parser = parse_duration, default_value = "20s")]
+    pub ws_ping_interval: Duration,
+
+    /// A WebSocket that sends nothing (not even a pong) for this long is closed.
+    #[arg(long, env = "RT_WS_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub ws_idle_timeout: Duration,
+
+    /// Publishes per second one WebSocket may make (bursts up to the same number).
+    #[arg(long, env = "RT_WS_PUBLISH_RATE", default_value_t = 100)]
+    pub ws_publish_rate: u32,
+
     /// Close a connection whose sent data stays unacknowledged this long (a
     /// client that stopped reading); 0 turns it off (TCP_USER_TIMEOUT, Linux).
     #[arg(long, env = "RT_TCP_USER_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
@@ -213,6 +234,11 @@ impl Default for Settings {
             sse_heartbeat: Duration::from_secs(15),
             sse_retry: Duration::from_secs(2),
             cors_origins: Vec::new(),
+            ws_max_connections: 10_000,
+            ws_queue: 1024,
+            ws_ping_interval: Duration::from_secs(20),
+            ws_idle_timeout: Duration::from_secs(60),
+            ws_publish_rate: 100,
             tcp_user_timeout: Duration::from_secs(30),
             tcp_send_buffer: None,
             http_workers: None,

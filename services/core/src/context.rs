@@ -29,6 +29,8 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// Open SSE streams, against `--sse-max-connections`.
     pub sse_gate: Arc<Gate>,
+    /// Open WebSockets, against `--ws-max-connections`.
+    pub ws_gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for Context {
@@ -113,6 +115,7 @@ impl Context {
             metrics,
             shutdown: Shutdown::new(),
             sse_gate: Arc::default(),
+            ws_gate: Arc::default(),
         })
     }
 }

@@ -462,6 +462,14 @@ impl Follower {
         self
     }
 
+    /// Like [`Follower::start`], from the topic's current head: only events
+    /// committed from now on.
+    pub async fn start_live(hub: &Hub, topic: &Topic, page: u32) -> Result<Follower, HubError> {
+        let mut follower = Follower::start(hub, topic, 0, page).await?;
+        follower.last = follower.sub.start_last();
+        Ok(follower)
+    }
+
     pub fn topic(&self) -> &Topic {
         self.sub.topic()
     }

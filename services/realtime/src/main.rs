@@ -8,8 +8,8 @@ use clap::Parser;
 use rt_core::config::Settings;
 
 /// Real-time event delivery: publish over HTTP, poll (short and long) with
-/// positions or named cursors, stream Server-Sent Events; every service in
-/// one process.
+/// positions or named cursors, stream Server-Sent Events, and WebSockets;
+/// every service in one process.
 #[derive(Parser)]
 #[command(name = "realtime", version)]
 struct Args {
@@ -21,6 +21,7 @@ fn configure(cfg: &mut actix_web::web::ServiceConfig) {
     rt_publisher::configure(cfg);
     rt_poll_api::configure(cfg);
     rt_sse_edge::configure(cfg);
+    rt_ws_edge::configure(cfg);
 }
 
 #[tokio::main]

@@ -10,3 +10,4 @@ mod poll_errors;
 mod publish;
 mod retention;
 mod sse;
+mod ws;

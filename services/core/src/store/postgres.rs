@@ -216,9 +216,11 @@ impl Store for PgStore {
     async fn read(&self, topic: &Topic, after: u64, limit: u32) -> Result<ReadResult, StoreError> {
         // One snapshot for counters and rows, so a concurrent prune cannot
         // make them disagree.
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
+        // One statement: the snapshot's isolation is part of BEGIN, so a
+        // connection reused after a cancelled request cannot break it.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
         let head = sqlx::query("SELECT low_seq, last_seq FROM rt_topics WHERE name = $1")
             .bind(topic.as_str())

@@ -1,0 +1,187 @@
+//! The JSON frames of the protocol, both ways.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
+use rt_core::{
+    Topic,
+    hub::{Delivery, Framing, SharedEvent},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest `ref` accepted, in bytes.
+pub(crate) const MAX_REF_LEN: usize = 128;
+
+/// A client frame, every field optional so that each missing one gets its
+/// own error message (and the `ref` comes back even on a bad frame).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientFrame {
+    pub(crate) op: Option<String>,
+    pub(crate) topic: Option<String>,
+    pub(crate) after: Option<u64>,
+    #[serde(rename = "type")]
+    pub(crate) event_type: Option<String>,
+    pub(crate) data: Option<Box<RawValue>>,
+    #[serde(rename = "ref")]
+    pub(crate) reference: Option<String>,
+}
+
+/// Reads the `ref` of a frame that did not parse as a [`ClientFrame`], so
+/// the error can still name it.
+pub(crate) fn salvage_ref(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    value
+        .get("ref")?
+        .as_str()
+        .filter(|r| r.len() <= MAX_REF_LEN)
+        .map(str::to_owned)
+}
+
+fn text(json: impl Serialize) -> ByteString {
+    // unwrap: these frames hold only strings and numbers
+    ByteString::from(serde_json::to_string(&json).expect("frame serializes"))
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    op: &'static str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    code: &'a str,
+    message: &'a str,
+}
+
+pub(crate) fn error(reference: Option<&str>, code: &str, message: &str) -> ByteString {
+    text(ErrorFrame {
+        op: "error",
+        reference,
+        code,
+        message,
+    })
+}
+
+#[derive(Serialize)]
+struct PublishAck<'a> {
+    op: &'static str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    topic: &'a Topic,
+    seq: u64,
+}
+
+pub(crate) fn publish_ack(reference: Option<&str>, topic: &Topic, seq: u64) -> ByteString {
+    text(PublishAck {
+        op: "ack",
+        reference,
+        topic,
+        seq,
+    })
+}
+
+#[derive(Serialize)]
+struct SubscriptionAck<'a> {
+    op: &'static str,
+    #[serde(rename = "ref")]
+    reference: &'a str,
+    topic: &'a Topic,
+    after: u64,
+}
+
+pub(crate) fn subscription_ack(reference: &str, topic: &Topic, after: u64) -> ByteString {
+    text(SubscriptionAck {
+        op: "ack",
+        reference,
+        topic,
+        after,
+    })
+}
+
+#[derive(Serialize)]
+struct Pong<'a> {
+    op: &'static str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+}
+
+pub(crate) fn pong(reference: Option<&str>) -> ByteString {
+    text(Pong {
+        op: "pong",
+        reference,
+    })
+}
+
+#[derive(Serialize)]
+struct ResetFrame<'a> {
+    op: &'static str,
+    topic: &'a Topic,
+    from: u64,
+}
+
+/// An event (`{"op":"event",...}`, built once per event and shared by every
+/// socket) or a reset.
+pub(crate) fn delivery(d: &Delivery) -> ByteString {
+    match d {
+        Delivery::Event(event) => {
+            let bytes = event.framed(Framing::WebSocket, event_frame).clone();
+            // The frame is the event's JSON text with a prefix: valid UTF-8.
+            ByteString::try_from(bytes).unwrap_or_else(|_| ByteString::from_static("{}"))
+        }
+        Delivery::Reset { topic, from } => text(ResetFrame {
+            op: "reset",
+            topic,
+            from: *from,
+        }),
+    }
+}
+
+/// `{"op":"event",` followed by the event JSON after its opening brace.
+fn event_frame(event: &SharedEvent) -> Bytes {
+    let mut buf = BytesMut::with_capacity(event.json.len() + 13);
+    buf.put_slice(b"{\"op\":\"event\",");
+    buf.put_slice(&event.json[1..]);
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rt_core::Event;
+
+    #[test]
+    fn an_event_frame_is_the_event_json_with_the_op() {
+        let e = SharedEvent::new(Event {
+            topic: Topic::parse("t").unwrap(),
+            seq: 4,
+            event_type: "message".into(),
+            data: RawValue::from_string("[1,2]".into()).unwrap(),
+            time: chrono::DateTime::from_timestamp(0, 0).unwrap(),
+        });
+        let frame = delivery(&Delivery::Event(e));
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["op"], "event");
+        assert_eq!(v["seq"], 4);
+        assert_eq!(v["data"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn errors_keep_the_ref_and_drop_it_when_absent() {
+        assert_eq!(
+            &*error(Some("r1"), "bad", "no"),
+            r#"{"op":"error","ref":"r1","code":"bad","message":"no"}"#
+        );
+        assert_eq!(
+            &*error(None, "bad", "no"),
+            r#"{"op":"error","code":"bad","message":"no"}"#
+        );
+    }
+
+    #[test]
+    fn the_ref_of_a_malformed_frame_is_salvaged() {
+        assert_eq!(
+            salvage_ref(r#"{"op":"subscribe","ref":"r9","after":-1}"#),
+            Some("r9".into())
+        );
+        assert_eq!(salvage_ref("not json"), None);
+    }
+}

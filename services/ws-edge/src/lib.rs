@@ -1,0 +1,86 @@
+//! The ws-edge service: events over WebSockets, full duplex.
+//!
+//! `GET /v1/ws` upgrades (subprotocol `rt.v1.json`, optional) to a socket
+//! carrying JSON text frames.
+//!
+//! Client → server:
+//! - `{"op":"subscribe","topic":"t","after"?:N,"ref"?:"r"}`: events after `N`
+//!   (from the log, then live), or from now on without `after`;
+//! - `{"op":"unsubscribe","topic":"t","ref"?:"r"}`;
+//! - `{"op":"publish","topic":"t","type"?:"x","data":...,"ref"?:"r"}`: the
+//!   same durable path as the publisher service;
+//! - `{"op":"ping","ref"?:"r"}`.
+//!
+//! Server → client:
+//! - `{"op":"event","topic","seq","type","data","time"}`;
+//! - `{"op":"ack","ref","topic","seq"}` once a publish is committed, and
+//!   `{"op":"ack","ref","topic","after"}` once a subscription is live (or
+//!   removed), when the client gave a `ref`;
+//! - `{"op":"reset","topic","from"}` when `after` is older than retention;
+//! - `{"op":"error","ref"?,"code","message"}`; `{"op":"pong","ref"?}`.
+//!
+//! Every frame is checked on its own: a bad one gets an error frame and the
+//! socket stays usable. Close codes: 1001 going away (shutdown, idle), 1008
+//! policy (too slow), 1009 too big, 1002/1003 protocol or data errors.
+
+mod connection;
+mod frames;
+
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use rt_core::{ApiError, Context, auth::Principal};
+
+/// The subprotocol this edge speaks; offered protocols must include it.
+pub const SUBPROTOCOL: &str = "rt.v1.json";
+
+/// Adds `GET /v1/ws`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/ws").route(web::get().to(upgrade)));
+}
+
+async fn upgrade(
+    ctx: web::Data<Context>,
+    principal: Principal,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(offered) = req.headers().get(header::SEC_WEBSOCKET_PROTOCOL) {
+        let offered = offered.to_str().unwrap_or_default();
+        if !offered.split(',').any(|p| p.trim() == SUBPROTOCOL) {
+            return Err(ApiError::bad_request(
+                "unsupported_subprotocol",
+                format!("this server speaks the subprotocol {SUBPROTOCOL}; offered: {offered}"),
+            ));
+        }
+    }
+    let max = ctx.settings.ws_max_connections;
+    let pass = ctx.ws_gate.try_enter(max).ok_or_else(|| {
+        ApiError::unavailable(
+            "too_many_connections",
+            format!("this server already holds its maximum of {max} WebSockets; retry later"),
+            anyhow::anyhow!("WebSocket connection limit reached"),
+        )
+    })?;
+    let (response, session, stream) = actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL])
+        .map_err(|e| {
+        ApiError::bad_request(
+            "not_a_websocket",
+            format!("GET /v1/ws upgrades to a WebSocket: {e}"),
+        )
+    })?;
+    // Messages over --max-body-bytes are refused with close code 1009 once
+    // read whole, so the close frame reaches the client; the decoder's own
+    // cap is higher and only stops absurd frames (those connections are cut).
+    let hard_cap = ctx
+        .settings
+        .max_body_bytes
+        .saturating_mul(4)
+        .max(ctx.settings.max_body_bytes + 64 * 1024);
+    let stream = stream
+        .max_frame_size(hard_cap)
+        .aggregate_continuations()
+        .max_continuation_size(hard_cap);
+    let ctx = ctx.into_inner().as_ref().clone();
+    // MessageStream is !Send: the socket lives on this worker.
+    actix_web::rt::spawn(connection::run(ctx, principal, session, stream, pass));
+    Ok(response)
+}
