@@ -286,6 +286,31 @@ ensure_nats() {
     export RT_TEST_NATS_URL=${RT_TEST_NATS_URL:-nats://127.0.0.1:$port}
 }
 
+# Python's `websockets` package: a WebSocket client written independently of
+# the Rust stack, which the ws-edge compliance test drives.
+ensure_python_websockets() {
+    if ! command -v python3 >/dev/null; then
+        if _rt_can_apt; then
+            _rt_apt_install python3 || true
+        fi
+    fi
+    if python3 -c 'import websockets' 2>/dev/null; then
+        return 0
+    fi
+    _rt_log "installing the Python websockets package (for the WebSocket compliance test)"
+    if _rt_can_apt && _rt_apt_install python3-websockets && python3 -c 'import websockets' 2>/dev/null; then
+        return 0
+    fi
+    if python3 -m pip install --user --quiet websockets 2>/dev/null \
+        || python3 -m pip install --user --quiet --break-system-packages websockets 2>/dev/null; then
+        return 0
+    fi
+    _rt_fail "Python 3 with the websockets package is needed by the WebSocket" \
+        "compliance test. Install it (Debian/Ubuntu: sudo apt-get install" \
+        "python3-websockets, or pip install websockets)."
+    return 1
+}
+
 # Run on its own (not sourced): ensure both and print the URLs.
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     ensure_postgres || exit 1

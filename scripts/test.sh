@@ -16,6 +16,7 @@ fi
 source scripts/services.sh
 ensure_postgres
 ensure_nats
+ensure_python_websockets
 echo "test: PostgreSQL at $RT_TEST_DATABASE_URL, NATS at $RT_TEST_NATS_URL"
 
 cargo test --workspace --locked "$@"

@@ -570,3 +570,41 @@ async fn oversized_messages_idle_sockets_and_shutdown_close_with_meaningful_code
     assert!(reason.contains("shutting down"), "{reason}");
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_python_websockets_client_speaks_the_protocol() {
+    let app = TestApp::spawn(Engines::Embedded, |_| {}).await;
+    let url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/ws_client.py");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&url)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| {
+        panic!("cannot run python3 ({e}); `bash scripts/test.sh` installs Python and its websockets package")
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python client failed (if websockets is missing: apt-get install python3-websockets, \
+         or run bash scripts/test.sh):\n{stderr}"
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).expect("the client prints JSON");
+    assert_eq!(out["subprotocol"], "rt.v1.json");
+    assert_eq!(
+        out["subscribe_ack"],
+        json!({"op": "ack", "ref": "s", "topic": "py", "after": 0})
+    );
+    assert_eq!(out["acks"], json!([1, 2, 3]));
+    assert_eq!(out["events"], json!([[1, 0], [2, 1], [3, 2]]));
+    assert_eq!(
+        out["fragmented"],
+        json!({"op": "pong", "ref": "fragmented"})
+    );
+    assert_eq!(out["binary"]["code"], "binary_unsupported");
+    assert_eq!(out["close_code"], 1000);
+}
