@@ -94,6 +94,10 @@ pub struct HubConfig {
     pub head_check_interval: Duration,
     /// How long a new subscription waits for the bus and store to answer.
     pub ready_timeout: Duration,
+    /// Store reads for readers (resumes, polls) at once: half the database
+    /// pool, so a herd of resuming clients queues here instead of starving
+    /// publishes of connections.
+    pub store_readers: usize,
 }
 
 impl HubConfig {
@@ -104,6 +108,7 @@ impl HubConfig {
             linger: s.hub_linger,
             head_check_interval: s.head_check_interval.max(Duration::from_millis(10)),
             ready_timeout: s.db_acquire_timeout.max(Duration::from_secs(1)),
+            store_readers: (s.db_max_connections as usize / 2).max(1),
         }
     }
 }
@@ -150,6 +155,7 @@ struct Inner {
     /// happened to subscribe first.
     runtime: tokio::runtime::Handle,
     topics: Mutex<HashMap<Topic, Slot>>,
+    readers: tokio::sync::Semaphore,
 }
 
 /// A topic's feed and the local interest in it.
@@ -191,9 +197,10 @@ impl Hub {
             store,
             bus,
             metrics,
-            config,
             runtime: tokio::runtime::Handle::current(),
             topics: Mutex::new(HashMap::new()),
+            readers: tokio::sync::Semaphore::new(config.store_readers),
+            config,
         });
         inner
             .runtime
@@ -248,7 +255,18 @@ impl Hub {
             .hub_reads
             .with_label_values(&["store"])
             .inc();
-        let r = self.inner.store.read(topic, after, limit).await?;
+        // The read runs as a task of its own: callers race reads against
+        // timeouts and drop them, and a store query dropped half-way can
+        // leave its connection inside a transaction for the next user.
+        let inner = self.inner.clone();
+        let name = topic.clone();
+        let r = tokio::spawn(async move {
+            // The semaphore is never closed.
+            let _permit = inner.readers.acquire().await.ok();
+            inner.store.read(&name, after, limit).await
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("a store read did not finish: {e}")))??;
         Ok(HubRead {
             events: r.events.into_iter().map(SharedEvent::new).collect(),
             head: r.head,

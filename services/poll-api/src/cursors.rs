@@ -9,7 +9,7 @@ use rt_core::{
     auth::Principal,
     http::{parse_json, read_body},
     query::{QueryPairs, check_topic_count, parse_position},
-    store::CursorRecord,
+    store::{CursorRecord, StoreError},
 };
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +76,20 @@ fn cursor_name(raw: &str) -> Result<String, ApiError> {
     })
 }
 
+/// Runs a store transaction as a task of its own, so that a request dropped
+/// half-way (the client went away) cannot cut it short and leave its
+/// connection inside a transaction.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(op).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(anyhow::anyhow!(
+            "store task failed: {e}"
+        ))),
+    }
+}
+
 fn not_found(name: &str) -> ApiError {
     ApiError::not_found(
         "cursor_not_found",
@@ -130,7 +144,10 @@ pub(crate) async fn create(
         }
         Some(position) => parse_position(position, &topics, "invalid_position")?,
     };
-    let (cursor, created) = ctx.store.create_cursor(&name, &topics, &start).await?;
+    let (cursor, created) = {
+        let (store, name, topics) = (ctx.store.clone(), name.clone(), topics.clone());
+        detached(async move { store.create_cursor(&name, &topics, &start).await }).await?
+    };
     if !created {
         let mut existing = cursor.topics.clone();
         let mut wanted = topics.clone();
@@ -238,10 +255,10 @@ pub(crate) async fn commit(
             ));
         }
     }
-    let cursor = ctx
-        .store
-        .commit_cursor(&name, &position)
-        .await?
-        .ok_or_else(|| not_found(&name))?;
+    let committed = {
+        let (store, name) = (ctx.store.clone(), name.clone());
+        detached(async move { store.commit_cursor(&name, &position).await }).await?
+    };
+    let cursor = committed.ok_or_else(|| not_found(&name))?;
     Ok(HttpResponse::Ok().json(CursorView::from(&cursor)))
 }

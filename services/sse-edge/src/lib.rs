@@ -45,7 +45,7 @@ use serde::Serialize;
 /// Most events sent in one chunk of the stream.
 const CHUNK_EVENTS: usize = 64;
 /// Most bytes gathered into one chunk before it is sent.
-const CHUNK_BYTES: usize = 64 * 1024;
+const CHUNK_BYTES: usize = 16 * 1024;
 /// Events read from the log per query while a stream catches up.
 const PAGE: u32 = 500;
 /// The `retry:` sent with the closing comment on shutdown: reconnect soon.

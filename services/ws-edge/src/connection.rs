@@ -28,6 +28,12 @@ use crate::frames::{self, ClientFrame, MAX_REF_LEN};
 
 /// Events read from the log per query while a subscription catches up.
 const PAGE: u32 = 500;
+/// How long the outgoing queue may stay full before the client counts as
+/// too slow (it is closed and resumes with `after`).
+const SEND_STALL: Duration = Duration::from_secs(5);
+/// Store failures in a row a subscription rides out (with backoff) before
+/// it reports `feed_unavailable`.
+const STORE_RETRIES: u32 = 4;
 /// How long a close frame may take to reach a client that is not reading.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -160,14 +166,25 @@ fn too_big(limit: usize) -> CloseReason {
     )
 }
 
-/// Hands a subscription's deliveries to the outgoing queue; a full queue or
-/// a lagging follower means the client is too slow.
+/// Hands a subscription's deliveries to the outgoing queue, waiting while it
+/// is full (a catch-up from the log comes in bursts); a queue that stays full
+/// for [`SEND_STALL`], or a follower that lagged, means the client is too slow.
 async fn forward(mut follower: Follower, out: mpsc::Sender<Out>, too_slow: Arc<Notify>) {
+    let mut failures = 0;
     loop {
         match follower.next().await {
+            // A store that is briefly busy or away: the follower kept its
+            // place, so try again a few times before giving up.
+            Err(HubError::Store(e)) if failures < STORE_RETRIES => {
+                failures += 1;
+                tracing::debug!(topic = %follower.topic(), error = %e, "subscription read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(failures)).await;
+            }
             Ok(delivery) => {
+                failures = 0;
                 if out
-                    .try_send(Out::Text(frames::delivery(&delivery)))
+                    .send_timeout(Out::Text(frames::delivery(&delivery)), SEND_STALL)
+                    .await
                     .is_err()
                 {
                     too_slow.notify_one();
@@ -236,8 +253,8 @@ impl Conn {
                             None,
                             "binary_unsupported",
                             "this protocol uses JSON text frames; binary frames are not accepted",
-                        )),
-                        Ok(AggregatedMessage::Ping(payload)) => self.queue(Out::Pong(payload)),
+                        )).await,
+                        Ok(AggregatedMessage::Ping(payload)) => self.queue(Out::Pong(payload)).await,
                         Ok(AggregatedMessage::Pong(_)) => {}
                         Ok(AggregatedMessage::Close(theirs)) => {
                             return Some((theirs.unwrap_or_else(|| CloseCode::Normal.into()), None));
@@ -257,24 +274,26 @@ impl Conn {
                             Some("idle"),
                         ));
                     }
-                    self.queue(Out::Ping);
+                    self.queue(Out::Ping).await;
                 }
             }
         }
     }
 
-    fn queue(&self, out: Out) {
-        if self.out.try_send(out).is_err() {
+    /// Queues a frame, waiting while the queue is full; a client that lets
+    /// it stay full for [`SEND_STALL`] is too slow.
+    async fn queue(&self, out: Out) {
+        if self.out.send_timeout(out, SEND_STALL).await.is_err() {
             self.too_slow.notify_one();
         }
     }
 
-    fn send(&self, text: ByteString) {
-        self.queue(Out::Text(text));
+    async fn send(&self, text: ByteString) {
+        self.queue(Out::Text(text)).await;
     }
 
-    fn error(&self, reference: Option<&str>, code: &str, message: &str) {
-        self.send(frames::error(reference, code, message));
+    async fn error(&self, reference: Option<&str>, code: &str, message: &str) {
+        self.send(frames::error(reference, code, message)).await;
     }
 
     async fn on_text(&mut self, text: &str) {
@@ -286,68 +305,83 @@ impl Conn {
                 } else {
                     "invalid_frame"
                 };
-                return self.error(frames::salvage_ref(text).as_deref(), code, &e.to_string());
+                return self
+                    .error(frames::salvage_ref(text).as_deref(), code, &e.to_string())
+                    .await;
             }
         };
         let reference = frame.reference.clone();
         let r = reference.as_deref();
         if r.is_some_and(|r| r.len() > MAX_REF_LEN) {
-            return self.error(
-                None,
-                "invalid_ref",
-                &format!("ref must be at most {MAX_REF_LEN} bytes"),
-            );
+            return self
+                .error(
+                    None,
+                    "invalid_ref",
+                    &format!("ref must be at most {MAX_REF_LEN} bytes"),
+                )
+                .await;
         }
         match frame.op.as_deref() {
-            None => self.error(
-                r,
-                "missing_op",
-                "every frame needs an op: subscribe, unsubscribe, publish or ping",
-            ),
+            None => {
+                self.error(
+                    r,
+                    "missing_op",
+                    "every frame needs an op: subscribe, unsubscribe, publish or ping",
+                )
+                .await
+            }
             Some("subscribe") => self.subscribe(frame, r).await,
-            Some("unsubscribe") => self.unsubscribe(frame, r),
-            Some("publish") => self.publish(frame, r),
-            Some("ping") => self.send(frames::pong(r)),
-            Some(other) => self.error(
-                r,
-                "unknown_op",
-                &format!("unknown op {other:?}; use subscribe, unsubscribe, publish or ping"),
-            ),
+            Some("unsubscribe") => self.unsubscribe(frame, r).await,
+            Some("publish") => self.publish(frame, r).await,
+            Some("ping") => self.send(frames::pong(r)).await,
+            Some(other) => {
+                self.error(
+                    r,
+                    "unknown_op",
+                    &format!("unknown op {other:?}; use subscribe, unsubscribe, publish or ping"),
+                )
+                .await
+            }
         }
     }
 
-    fn topic(&self, frame: &ClientFrame, r: Option<&str>, op: &str) -> Option<Topic> {
+    async fn topic(&self, frame: &ClientFrame, r: Option<&str>, op: &str) -> Option<Topic> {
         let Some(name) = frame.topic.as_deref() else {
-            self.error(r, "missing_field", &format!("{op} needs a topic"));
+            self.error(r, "missing_field", &format!("{op} needs a topic"))
+                .await;
             return None;
         };
         match Topic::parse(name) {
             Ok(topic) => Some(topic),
             Err(e) => {
-                self.error(r, "invalid_topic", &e.to_string());
+                self.error(r, "invalid_topic", &e.to_string()).await;
                 None
             }
         }
     }
 
     async fn subscribe(&mut self, frame: ClientFrame, r: Option<&str>) {
-        let Some(topic) = self.topic(&frame, r, "subscribe") else {
+        let Some(topic) = self.topic(&frame, r, "subscribe").await else {
             return;
         };
         if !self.principal.can_subscribe(&topic) {
-            return self.error(
-                r,
-                "forbidden",
-                &format!("this token may not subscribe to {topic}"),
-            );
+            return self
+                .error(
+                    r,
+                    "forbidden",
+                    &format!("this token may not subscribe to {topic}"),
+                )
+                .await;
         }
         let max = self.ctx.settings.max_topics;
         if !self.subs.contains_key(&topic) && self.subs.len() >= max {
-            return self.error(
-                r,
-                "too_many_subscriptions",
-                &format!("a socket may hold at most {max} subscriptions"),
-            );
+            return self
+                .error(
+                    r,
+                    "too_many_subscriptions",
+                    &format!("a socket may hold at most {max} subscriptions"),
+                )
+                .await;
         }
         // Subscribing again replaces the subscription (a resume from a new `after`).
         if let Some(old) = self.subs.remove(&topic) {
@@ -360,68 +394,80 @@ impl Conn {
         let follower = match started {
             Ok(f) => f.fail_on_lag(),
             Err(e) => {
-                return self.error(
-                    r,
-                    "feed_unavailable",
-                    &format!("cannot subscribe to {topic} now ({e}); retry later"),
-                );
+                return self
+                    .error(
+                        r,
+                        "feed_unavailable",
+                        &format!("cannot subscribe to {topic} now ({e}); retry later"),
+                    )
+                    .await;
             }
         };
         if let Some(r) = r {
-            self.send(frames::subscription_ack(r, &topic, follower.position()));
+            self.send(frames::subscription_ack(r, &topic, follower.position()))
+                .await;
         }
         let forwarder = tokio::spawn(forward(follower, self.out.clone(), self.too_slow.clone()));
         self.subs.insert(topic, forwarder);
     }
 
-    fn unsubscribe(&mut self, frame: ClientFrame, r: Option<&str>) {
-        let Some(topic) = self.topic(&frame, r, "unsubscribe") else {
+    async fn unsubscribe(&mut self, frame: ClientFrame, r: Option<&str>) {
+        let Some(topic) = self.topic(&frame, r, "unsubscribe").await else {
             return;
         };
         match self.subs.remove(&topic) {
             Some(forwarder) => {
                 forwarder.abort();
                 if let Some(r) = r {
-                    self.send(frames::subscription_ack(r, &topic, 0));
+                    self.send(frames::subscription_ack(r, &topic, 0)).await;
                 }
             }
-            None => self.error(
-                r,
-                "not_subscribed",
-                &format!("this socket has no subscription to {topic}"),
-            ),
+            None => {
+                self.error(
+                    r,
+                    "not_subscribed",
+                    &format!("this socket has no subscription to {topic}"),
+                )
+                .await
+            }
         }
     }
 
-    fn publish(&mut self, frame: ClientFrame, r: Option<&str>) {
-        let Some(topic) = self.topic(&frame, r, "publish") else {
+    async fn publish(&mut self, frame: ClientFrame, r: Option<&str>) {
+        let Some(topic) = self.topic(&frame, r, "publish").await else {
             return;
         };
         let Some(data) = frame.data else {
-            return self.error(r, "missing_field", "publish needs data (any JSON)");
+            return self
+                .error(r, "missing_field", "publish needs data (any JSON)")
+                .await;
         };
         let event_type = frame
             .event_type
             .unwrap_or_else(|| DEFAULT_EVENT_TYPE.to_owned());
         if let Err(message) = validate_event_type(&event_type) {
-            return self.error(r, "invalid_type", &message);
+            return self.error(r, "invalid_type", &message).await;
         }
         if !self.principal.can_publish(&topic) {
-            return self.error(
-                r,
-                "forbidden",
-                &format!("this token may not publish to {topic}"),
-            );
+            return self
+                .error(
+                    r,
+                    "forbidden",
+                    &format!("this token may not publish to {topic}"),
+                )
+                .await;
         }
         if !self.bucket.take() {
-            return self.error(
-                r,
-                "rate_limited",
-                &format!(
-                    "at most {} publishes per second on one socket; slow down",
-                    self.ctx.settings.ws_publish_rate
-                ),
-            );
+            return self
+                .error(
+                    r,
+                    "rate_limited",
+                    &format!(
+                        "at most {} publishes per second on one socket; slow down",
+                        self.ctx.settings.ws_publish_rate
+                    ),
+                )
+                .await;
         }
         let event = NewEvent {
             topic,
@@ -444,7 +490,8 @@ impl Conn {
                 p.reference.as_deref(),
                 "busy",
                 "too many publishes waiting for their commit on this socket; retry",
-            );
+            )
+            .await;
         }
     }
 }
@@ -493,7 +540,11 @@ async fn publish_loop(
                     "the service is shutting down; publish again on another connection",
                 ),
             };
-            if out.try_send(Out::Text(frame)).is_err() {
+            if out
+                .send_timeout(Out::Text(frame), SEND_STALL)
+                .await
+                .is_err()
+            {
                 too_slow.notify_one();
                 return;
             }

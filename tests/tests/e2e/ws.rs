@@ -162,6 +162,21 @@ async fn churning_client(
                     let topic = frame["topic"].as_str().unwrap().to_owned();
                     paused.retain(|t| *t != topic);
                 }
+                // The protocol's answer to a feed that stopped (an overloaded
+                // store): subscribe again from where it was.
+                Some("error") if frame["code"] == "feed_unavailable" => {
+                    let message = frame["message"].as_str().unwrap();
+                    let t = *topics
+                        .iter()
+                        .find(|t| message.contains(&format!("feed of {t} ")))
+                        .unwrap();
+                    let after = got[t].last().copied().unwrap_or(0);
+                    send(
+                        &mut ws,
+                        json!({"op": "subscribe", "topic": t, "after": after}),
+                    )
+                    .await;
+                }
                 _ => panic!("unexpected frame {frame}"),
             }
             budget = budget.saturating_sub(1);
@@ -194,7 +209,13 @@ async fn churning_client(
 
 #[tokio::test]
 async fn a_hundred_churning_clients_each_get_exactly_their_topics_events() {
-    let app = TestApp::spawn(Engines::Distributed, |s| s.ws_publish_rate = 10_000).await;
+    let app = TestApp::spawn(Engines::Distributed, |s| {
+        s.ws_publish_rate = 10_000;
+        // 100 debug-build clients saturate both cores: give the database
+        // pool the patience of the default settings.
+        s.db_acquire_timeout = Duration::from_secs(10);
+    })
+    .await;
     let names = ["a", "b", "c"];
     // 5,000 events: 2,500 over WebSocket publishers, 2,500 over HTTP.
     let mut totals: HashMap<String, u64> = HashMap::new();
@@ -607,4 +628,76 @@ async fn a_python_websockets_client_speaks_the_protocol() {
     );
     assert_eq!(out["binary"]["code"], "binary_unsupported");
     assert_eq!(out["close_code"], 1000);
+}
+
+#[tokio::test]
+async fn a_socket_that_stops_reading_is_closed_as_too_slow_and_resumes_with_after() {
+    let app = TestApp::spawn(Engines::Distributed, |s| {
+        s.ws_queue = 16;
+        s.tcp_send_buffer = Some(8 * 1024);
+    })
+    .await;
+    // A raw socket with a small receive buffer: subscribes, then never reads.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut raw = socket.connect(addr.parse().unwrap()).await.unwrap();
+    raw.write_all(
+        format!(
+            "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // A masked client text frame: {"op":"subscribe","topic":"slow"}.
+    let payload = br#"{"op":"subscribe","topic":"slow"}"#;
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    raw.write_all(&frame).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let big = "x".repeat(2000);
+    for chunk in 0..10 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| json!({"topic": "slow", "data": {"i": chunk * 100 + i, "pad": big}}))
+            .collect();
+        let res = app
+            .http
+            .post(app.url("/v1/events"))
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let closed = || {
+        app.ctx
+            .metrics
+            .streams_closed
+            .with_label_values(&["ws", "too_slow"])
+            .get()
+    };
+    let mut waited = 0;
+    while closed() == 0 && waited < 150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    assert_eq!(
+        closed(),
+        1,
+        "the socket that stopped reading was closed as too slow"
+    );
+    drop(raw);
+
+    // A new socket resumes with after and gets every event, in order.
+    let mut ws = connect(&app.base).await;
+    subscribe(&mut ws, "slow", Some(0), "again").await;
+    for seq in 1..=1000u64 {
+        let event = recv_json(&mut ws, WAIT).await;
+        assert_eq!(event["seq"], seq);
+    }
 }
