@@ -3,8 +3,21 @@
 //! `rt-bench publish` measures publish throughput (events committed per
 //! second) on one hot topic and on 100 topics, next to a raw batched INSERT
 //! into the same Postgres in the same run.
+//!
+//! `rt-bench poll` measures long-poll wake-up: 1,000 waiters long-poll one
+//! topic while events are published to it one at a time; it reports publish →
+//! response latency, poll round trips and events delivered per second, and
+//! checks that every waiter got every event exactly once and in order.
+//!
+//! `rt-bench sse` measures Server-Sent Events with 1,000 and 10,000 streams on
+//! one topic, served by the `realtime` binary in a process of its own: the
+//! server's memory per idle stream, publish → event latency at a fixed rate
+//! (every stream must get every event exactly once and in order), and
+//! deliveries per second under a burst of batch publishes.
 
+mod poll;
 mod publish;
+mod sse;
 
 use clap::{Parser, Subcommand};
 
@@ -23,11 +36,17 @@ struct Cli {
 enum Scenario {
     /// Publish throughput against a raw batched INSERT baseline.
     Publish(publish::Args),
+    /// Long-poll wake-up latency with many waiters on one topic.
+    Poll(poll::Args),
+    /// SSE memory per stream, latency and saturation, server in its own process.
+    Sse(sse::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Publish(args) => publish::run(args).await,
+        Scenario::Poll(args) => poll::run(args).await,
+        Scenario::Sse(args) => sse::run(args).await,
     }
 }

@@ -1,0 +1,407 @@
+//! Long-poll wake-up: many waiters long-polling one topic while a publisher
+//! adds events to it one at a time.
+//!
+//! The publisher and poll-api routes run in this process on a free loopback
+//! port, over a fresh database that is dropped at the end, so client and
+//! server share the machine. Every event carries the wall-clock time it was
+//! sent at; every waiter records, for every event it receives, how long after
+//! that the response carrying it arrived, and checks that it saw every seq
+//! exactly once and in order.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use hdrhistogram::Histogram;
+use rt_core::{Context, config::Settings, server::Application};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Postgres server to benchmark against (a database is created and dropped).
+    #[arg(
+        long,
+        env = "RT_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// NATS URL; without it the in-process bus is used.
+    #[arg(long, env = "RT_BENCH_NATS_URL")]
+    nats_url: Option<String>,
+    /// Concurrent long-poll loops on the one topic.
+    #[arg(long, default_value_t = 1000)]
+    waiters: usize,
+    /// Events published per run, one at a time.
+    #[arg(long, default_value_t = 200)]
+    events: u64,
+    /// Pause between two publishes, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+    /// `wait` of every long poll, in seconds (the server allows up to 60).
+    #[arg(long, default_value_t = 30)]
+    wait: u64,
+    /// `limit` of every long poll.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// How long to let the waiters' first polls get in flight before the
+    /// first publish, in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    settle_ms: u64,
+    /// Runs; the median of each figure is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// One run's figures (or, in the report, the median of each over the runs).
+#[derive(Clone, Copy)]
+struct Figure {
+    /// Publish sent → poll response received, per event per waiter.
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// Completed poll responses, all waiters, per second.
+    polls_per_sec: f64,
+    /// Events × waiters per second.
+    events_per_sec: f64,
+    /// Events received per poll response.
+    events_per_poll: f64,
+    /// Responses that timed out with no event.
+    empty_polls: f64,
+    /// Publish request → 201, per event.
+    publish_p50_ms: f64,
+    /// First publish → last waiter done.
+    secs: f64,
+}
+
+/// A poll answer, as far as the bench reads it.
+#[derive(Deserialize)]
+struct Page {
+    events: Vec<PolledEvent>,
+    next: u64,
+    #[serde(default)]
+    reset: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct PolledEvent {
+    seq: u64,
+    data: Sent,
+}
+
+#[derive(Deserialize)]
+struct Sent {
+    sent_us: u64,
+}
+
+/// What one waiter hands back when it has seen the last event.
+struct WaiterDone {
+    hist: Histogram<u32>,
+    polls: u64,
+    empty_polls: u64,
+    finished: Instant,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.waiters > 0, "--waiters must be at least 1");
+    anyhow::ensure!(args.events > 0, "--events must be at least 1");
+
+    // A database of the bench's own, dropped at the end.
+    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let settings = Settings {
+        bind: "127.0.0.1:0".into(),
+        database_url: Some(db.url.clone()),
+        nats_url: args.nats_url.clone(),
+        nats_prefix: format!("bench{}", uuid::Uuid::new_v4().simple()),
+        ..Settings::default()
+    };
+    let ctx = Context::connect(settings).await?;
+    let app = Application::build(ctx, rt_tests::configure_all)?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.stop_handle();
+    tokio::spawn(app.run_until_stopped());
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.waiters + 1)
+        .timeout(Duration::from_secs(args.wait + 30))
+        .build()?;
+
+    let mut runs = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let f = wake_up(&http, &base, &args, run).await?;
+        if !args.quiet {
+            eprintln!(
+                "  run {}: wake-up p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} polls/s, {:.0} events/s, {:.2} events/poll",
+                run + 1,
+                f.p50_ms,
+                f.p99_ms,
+                f.max_ms,
+                f.polls_per_sec,
+                f.events_per_sec,
+                f.events_per_poll
+            );
+        }
+        runs.push(f);
+    }
+    handle.stop(true).await;
+
+    print_report(&args, &medians(&runs));
+    Ok(())
+}
+
+/// One run: `waiters` long-poll loops on a fresh topic, then `events`
+/// publishes `interval_ms` apart; done when every waiter has the last event.
+async fn wake_up(
+    http: &reqwest::Client,
+    base: &str,
+    args: &Args,
+    run: usize,
+) -> anyhow::Result<Figure> {
+    let url = format!("{base}/v1/topics/poll{run}/events");
+    let ready = Arc::new(AtomicUsize::new(0));
+    // Dropping the set (on an error) aborts the waiters still polling.
+    let mut waiters = JoinSet::new();
+    for id in 0..args.waiters {
+        let (http, url, ready) = (http.clone(), url.clone(), ready.clone());
+        let (events, limit, wait) = (args.events, args.limit, args.wait);
+        waiters.spawn(async move {
+            ready.fetch_add(1, Ordering::Relaxed);
+            waiter(&http, &url, id, events, limit, wait).await
+        });
+    }
+    let spawned = Instant::now();
+    while ready.load(Ordering::Relaxed) < args.waiters {
+        anyhow::ensure!(
+            spawned.elapsed() < Duration::from_secs(30),
+            "only {} of {} waiters started within 30 s",
+            ready.load(Ordering::Relaxed),
+            args.waiters
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    if let Some(done) = waiters.try_join_next() {
+        // A waiter ended before anything was published: it failed.
+        done??;
+        anyhow::bail!("a waiter finished before any event was published");
+    }
+
+    let started = Instant::now();
+    let publish_hist = publish(http, &url, args.events, args.interval_ms).await?;
+
+    let deadline = Duration::from_secs(args.wait + 30);
+    let mut hist = Histogram::<u32>::new(3)?;
+    let (mut polls, mut empty_polls) = (0, 0);
+    let mut last_done = started;
+    let mut finished = 0;
+    while finished < args.waiters {
+        let done = tokio::time::timeout(deadline, waiters.join_next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{} of {} waiters did not get all {} events within {} s of the last publish",
+                    args.waiters - finished,
+                    args.waiters,
+                    args.events,
+                    deadline.as_secs()
+                )
+            })?
+            .ok_or_else(|| anyhow::anyhow!("waiter set emptied early"))???;
+        hist.add(&done.hist)?;
+        polls += done.polls;
+        empty_polls += done.empty_polls;
+        last_done = last_done.max(done.finished);
+        finished += 1;
+    }
+    let secs = last_done.duration_since(started).as_secs_f64();
+    let delivered = args.events * args.waiters as u64;
+    anyhow::ensure!(
+        hist.len() == delivered,
+        "recorded {} latencies for {delivered} deliveries",
+        hist.len()
+    );
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Figure {
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: hist.max() as f64 / 1000.0,
+        polls_per_sec: polls as f64 / secs,
+        events_per_sec: delivered as f64 / secs,
+        events_per_poll: delivered as f64 / polls as f64,
+        empty_polls: empty_polls as f64,
+        publish_p50_ms: publish_hist.value_at_quantile(0.5) as f64 / 1000.0,
+        secs,
+    })
+}
+
+/// Long-polls `url` from `after=0`, following `next`, until it holds seq
+/// `events`; every seq must come exactly once and in order.
+async fn waiter(
+    http: &reqwest::Client,
+    url: &str,
+    id: usize,
+    events: u64,
+    limit: u32,
+    wait: u64,
+) -> anyhow::Result<WaiterDone> {
+    let mut hist = Histogram::<u32>::new(3)?;
+    let (mut last, mut polls, mut empty_polls) = (0, 0, 0);
+    while last < events {
+        let res = http
+            .get(format!("{url}?after={last}&limit={limit}&wait={wait}"))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            res.status() == 200,
+            "waiter {id}: poll after {last} answered {}",
+            res.status()
+        );
+        let body = res.bytes().await?;
+        let received = now_us();
+        let page: Page = serde_json::from_slice(&body)?;
+        polls += 1;
+        anyhow::ensure!(
+            page.reset.is_none(),
+            "waiter {id}: poll after {last} reported a reset"
+        );
+        if page.events.is_empty() {
+            empty_polls += 1;
+        }
+        for e in &page.events {
+            anyhow::ensure!(
+                e.seq == last + 1 && e.seq <= events,
+                "waiter {id}: got seq {} after seq {last} (expected {})",
+                e.seq,
+                last + 1
+            );
+            last = e.seq;
+            hist.record(received.saturating_sub(e.data.sent_us))?;
+        }
+        anyhow::ensure!(
+            page.next == last,
+            "waiter {id}: next is {} after seq {last}",
+            page.next
+        );
+    }
+    Ok(WaiterDone {
+        hist,
+        polls,
+        empty_polls,
+        finished: Instant::now(),
+    })
+}
+
+/// Publishes `events` events one at a time, `interval_ms` apart, each
+/// carrying the time it was sent; returns the publish → 201 latencies.
+async fn publish(
+    http: &reqwest::Client,
+    url: &str,
+    events: u64,
+    interval_ms: u64,
+) -> anyhow::Result<Histogram<u32>> {
+    #[derive(Deserialize)]
+    struct Published {
+        seq: u64,
+    }
+    let mut hist = Histogram::<u32>::new(3)?;
+    for seq in 1..=events {
+        if seq > 1 {
+            tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        }
+        let sent = Instant::now();
+        let res = http
+            .post(url)
+            .json(&json!({"data": {"sent_us": now_us()}}))
+            .send()
+            .await?;
+        anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
+        let published: Published = res.json().await?;
+        anyhow::ensure!(
+            published.seq == seq,
+            "publish got seq {} (expected {seq})",
+            published.seq
+        );
+        hist.record(sent.elapsed().as_micros() as u64)?;
+    }
+    Ok(hist)
+}
+
+/// Microseconds since the UNIX epoch, by the wall clock (the same clock on
+/// both ends: publisher and waiters share this process).
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The median of every figure, each taken on its own over the runs.
+fn medians(runs: &[Figure]) -> Figure {
+    let median = |get: fn(&Figure) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(get).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Figure {
+        p50_ms: median(|f| f.p50_ms),
+        p90_ms: median(|f| f.p90_ms),
+        p99_ms: median(|f| f.p99_ms),
+        max_ms: median(|f| f.max_ms),
+        polls_per_sec: median(|f| f.polls_per_sec),
+        events_per_sec: median(|f| f.events_per_sec),
+        events_per_poll: median(|f| f.events_per_poll),
+        empty_polls: median(|f| f.empty_polls),
+        publish_p50_ms: median(|f| f.publish_p50_ms),
+        secs: median(|f| f.secs),
+    }
+}
+
+fn print_report(args: &Args, f: &Figure) {
+    let name = format!("{} waiters on one topic", args.waiters);
+    println!(
+        "\nlong-poll wake-up: {} events {} ms apart, limit {}, wait {} s, median of {} runs (each figure on its own)",
+        args.events,
+        args.interval_ms,
+        args.limit,
+        args.wait,
+        args.runs.max(1)
+    );
+    println!(
+        "{:<30} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "scenario", "p50 ms", "p90 ms", "p99 ms", "max ms", "polls/s", "events/s", "events/poll"
+    );
+    println!(
+        "{:<30} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>12.2}",
+        name,
+        f.p50_ms,
+        f.p90_ms,
+        f.p99_ms,
+        f.max_ms,
+        f.polls_per_sec,
+        f.events_per_sec,
+        f.events_per_poll
+    );
+    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    println!(
+        "{}",
+        json!({
+            "scenario": "poll", "name": name,
+            "wake_p50_ms": r3(f.p50_ms), "wake_p90_ms": r3(f.p90_ms),
+            "wake_p99_ms": r3(f.p99_ms), "wake_max_ms": r3(f.max_ms),
+            "polls_per_sec": f.polls_per_sec.round(), "events_per_sec": f.events_per_sec.round(),
+            "events_per_poll": r3(f.events_per_poll), "empty_polls": f.empty_polls.round() as u64,
+            "publish_p50_ms": r3(f.publish_p50_ms), "secs": r3(f.secs),
+            "waiters": args.waiters, "events": args.events, "interval_ms": args.interval_ms,
+            "limit": args.limit, "wait": args.wait, "runs": args.runs.max(1),
+            "bus": if args.nats_url.is_some() { "nats" } else { "in-process" },
+        })
+    );
+}

@@ -1,0 +1,1140 @@
+//! Server-Sent Events at scale: many streams on one topic, served by the
+//! all-in-one `realtime` binary running as a process of its own, so that its
+//! memory is measured apart from the bench's.
+//!
+//! For every connection count (`--connections`, default 1,000 and 10,000) and
+//! every run, the bench starts a fresh server process over a database of its
+//! own (created and dropped by the bench), and on a fresh topic:
+//!
+//! 1. idle memory: reads the server's resident set (`VmRSS`), opens the
+//!    streams (at most `--open-concurrency` at a time, each checked for a 200
+//!    and its first `retry:` chunk), waits `--settle-ms`, and reads it again;
+//! 2. latency at a fixed rate: publishes `--rate` events per second for
+//!    `--seconds`, each carrying the wall-clock time it was sent at; every
+//!    stream records, per event, arrival time minus send time, and checks
+//!    that it saw every seq exactly once and in order;
+//! 3. saturation: publishes `--burst` events as batch requests of `--batch`,
+//!    as fast as `--publishers` concurrent publishers can, and measures
+//!    deliveries (events × streams) per second from the first publish to the
+//!    last stream having the last event.
+//!
+//! A stream the server ends (a client too far behind is disconnected) or
+//! whose connection breaks reconnects at once with `Last-Event-ID`, as a
+//! browser's `EventSource` would, and resumes from the log; such reconnects
+//! are counted and reported, and the exactly-once, in-order check spans them.
+//! The bench's own CPU time is reported next to the server's: client and
+//! server share the machine.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt, stream};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::{
+    sync::{Semaphore, mpsc::UnboundedReceiver, mpsc::UnboundedSender, mpsc::unbounded_channel},
+    task::JoinSet,
+};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Postgres server to benchmark against (a database is created and dropped).
+    #[arg(
+        long,
+        env = "RT_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// NATS URL for the server under test; without it, its in-process bus.
+    #[arg(long, env = "RT_BENCH_NATS_URL")]
+    nats_url: Option<String>,
+    /// SSE connection counts to measure, comma-separated; all on one topic.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    connections: Vec<usize>,
+    /// Streams being opened at once.
+    #[arg(long, default_value_t = 200)]
+    open_concurrency: usize,
+    /// Pause between the last stream opening and the second memory reading,
+    /// in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// Events per second in the latency scenario.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Seconds of publishing in the latency scenario.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Events in the saturation burst.
+    #[arg(long, default_value_t = 2000)]
+    burst: u64,
+    /// Events per batch request in the burst.
+    #[arg(long, default_value_t = 100)]
+    batch: u64,
+    /// Batch requests in flight at once in the burst.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Streams per HTTP client (connection pool) of the bench.
+    #[arg(long, default_value_t = 1000)]
+    per_client: usize,
+    /// Longest wait, in seconds, for all streams to open, or to get the last
+    /// event of a scenario after its last publish.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Runs per connection count; the median of each figure is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// One run's figures (or, in the report, the median of each over the runs).
+#[derive(Clone, Copy)]
+struct Figure {
+    /// First request → every stream has its `retry:` chunk.
+    open_secs: f64,
+    /// Server `VmRSS` before the streams open and after they idled.
+    rss_before: f64,
+    rss_after: f64,
+    /// (after − before) / connections.
+    bytes_per_conn: f64,
+    /// Publish sent → event parsed by the stream, per event per stream.
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    /// CPU time, in seconds, the server and the bench used from the first
+    /// latency publish to the last stream having its last event.
+    latency_server_cpu_secs: f64,
+    latency_bench_cpu_secs: f64,
+    /// First burst publish → last stream has the last event.
+    burst_secs: f64,
+    /// Burst events × streams / `burst_secs`.
+    deliveries_per_sec: f64,
+    /// Streams the server ended and the bench reopened, whole run.
+    closed: f64,
+    /// Streams whose connection broke and the bench reopened, whole run.
+    broken: f64,
+    /// CPU time, in seconds, the server and the bench used during the burst.
+    server_cpu_secs: f64,
+    bench_cpu_secs: f64,
+    /// Server `VmHWM` (peak resident set) at the end of the run.
+    peak_rss: f64,
+}
+
+/// What the streams report to the run.
+enum Msg {
+    /// 200 and the first `retry:` chunk arrived.
+    Opened,
+    /// The last event of the latency scenario arrived: its latencies.
+    Latency(Box<Histogram<u32>>),
+    /// The last event of the burst arrived, at that instant.
+    Done(Instant),
+    /// The stream failed; the run fails.
+    Failed(String),
+}
+
+/// Streams that lost their connection and reconnected, in one run.
+#[derive(Default)]
+struct Drops {
+    /// The server ended the stream (a client too far behind is closed).
+    closed: AtomicU64,
+    /// The connection broke (a transport error reading the body).
+    broken: AtomicU64,
+    /// The first transport error, for the report.
+    first_error: Mutex<Option<String>>,
+}
+
+impl Drops {
+    fn broken(&self, error: String) {
+        self.broken.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(error);
+    }
+}
+
+/// What every stream of a run is told.
+struct Plan {
+    topic: String,
+    url: String,
+    /// Seqs 1..=latency_events are the latency scenario's.
+    latency_events: u64,
+    /// The burst's last seq.
+    last_seq: u64,
+}
+
+/// The `data` of an event on the stream, as far as the bench reads it.
+#[derive(Deserialize)]
+struct Message {
+    topic: String,
+    seq: u64,
+    data: Sent,
+}
+
+#[derive(Deserialize)]
+struct Sent {
+    sent_us: u64,
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
+        "--connections must list counts of at least 1"
+    );
+    anyhow::ensure!(
+        args.rate > 0.0 && args.seconds > 0.0,
+        "--rate and --seconds must be positive"
+    );
+    anyhow::ensure!(
+        args.burst > 0 && args.batch > 0,
+        "--burst and --batch must be at least 1"
+    );
+    anyhow::ensure!(
+        args.open_concurrency > 0 && args.publishers > 0 && args.per_client > 0,
+        "--open-concurrency, --publishers and --per-client must be at least 1"
+    );
+    let binary = server_binary()?;
+    if let Some(limit) = open_files_limit() {
+        let most = args.connections.iter().max().copied().unwrap_or(0);
+        if limit < most as u64 + 100 {
+            eprintln!(
+                "warning: the open-file limit is {limit}; {most} streams need about {} descriptors \
+                 in the bench and as many in the server (raise it with `ulimit -n`)",
+                most + 100
+            );
+        }
+    }
+
+    // A database of the bench's own, dropped at the end.
+    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let mut results = Vec::new();
+    for &n in &args.connections {
+        let mut runs = Vec::new();
+        let (mut failure, mut first_error) = (None, None);
+        for run in 0..args.runs.max(1) {
+            match one_run(&binary, &db.url, &args, n, run).await {
+                Ok((f, error)) => {
+                    if let Some(error) = &error {
+                        eprintln!(
+                            "  {n} connections, run {}: {} streams broke and reconnected; the first: {error}",
+                            run + 1,
+                            f.broken
+                        );
+                    }
+                    first_error = first_error.or(error);
+                    if !args.quiet {
+                        eprintln!(
+                            "  {n} connections, run {}: opened in {:.1} s, {:.1} KiB/connection idle; \
+                             latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s; reconnects: {} closed, {} broken",
+                            run + 1,
+                            f.open_secs,
+                            f.bytes_per_conn / 1024.0,
+                            f.p50_ms,
+                            f.p99_ms,
+                            f.max_ms,
+                            f.deliveries_per_sec,
+                            f.closed,
+                            f.broken
+                        );
+                    }
+                    runs.push(f);
+                }
+                Err(e) => {
+                    eprintln!("  {n} connections, run {}: FAILED: {e:#}", run + 1);
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        results.push(Outcome {
+            n,
+            result: failure.map_or_else(|| Ok(medians(&runs)), Err),
+            first_error,
+        });
+    }
+    drop(db);
+
+    print_report(&args, &results);
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|o| o.result.is_err())
+        .map(|o| o.n.to_string())
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the run with {} connections failed (see above)",
+        failed.join(" and ")
+    );
+    Ok(())
+}
+
+/// What came of one connection count.
+struct Outcome {
+    n: usize,
+    /// The medians, or why a run failed.
+    result: Result<Figure, String>,
+    /// The first transport error a stream got (and recovered from), if any.
+    first_error: Option<String>,
+}
+
+/// The `realtime` binary next to this one.
+fn server_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
+    let dir = exe
+        .parent()
+        .context("the rt-bench executable has no directory")?;
+    let binary = dir.join("realtime");
+    anyhow::ensure!(
+        binary.is_file(),
+        "the server binary {} is missing: build it next to rt-bench with \
+         `cargo build --release -p realtime` (`cargo build -p realtime` for a debug rt-bench)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// One run with `n` streams, on a server process of its own.
+async fn one_run(
+    binary: &Path,
+    database_url: &str,
+    args: &Args,
+    n: usize,
+    run: usize,
+) -> anyhow::Result<(Figure, Option<String>)> {
+    let mut env = vec![
+        ("DATABASE_URL", database_url.to_owned()),
+        ("RT_SSE_MAX_CONNECTIONS", (n + 1000).to_string()),
+        ("RT_LOG_FORMAT", "text".to_owned()),
+    ];
+    if let Some(url) = &args.nats_url {
+        env.push(("RT_NATS_URL", url.clone()));
+        env.push((
+            "RT_NATS_PREFIX",
+            format!("bench{}", uuid::Uuid::new_v4().simple()),
+        ));
+    }
+    let binary = binary.to_owned();
+    let mut server = tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await??;
+    let mut streams = JoinSet::new();
+    let drops = Arc::new(Drops::default());
+    let result = measure(&server, args, n, run, &drops, &mut streams).await;
+    // Streams first, so that none sees the server go and reconnects.
+    streams.shutdown().await;
+    let figure = result.map_err(|e| server.explain(e))?;
+    let first_error = drops
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    Ok((figure, first_error))
+}
+
+/// The three scenarios, in order, on `n` streams of one fresh topic.
+async fn measure(
+    server: &Server,
+    args: &Args,
+    n: usize,
+    run: usize,
+    drops: &Arc<Drops>,
+    streams: &mut JoinSet<()>,
+) -> anyhow::Result<Figure> {
+    let topic = format!("sse{n}-{run}");
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let plan = Arc::new(Plan {
+        url: server.url(&format!("/v1/sse?topic={topic}")),
+        topic,
+        latency_events,
+        last_seq: latency_events + args.burst,
+    });
+    let deadline = Duration::from_secs(args.timeout);
+    let clients = (0..n.div_ceil(args.per_client))
+        .map(|_| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .pool_max_idle_per_host(args.per_client)
+                .connect_timeout(Duration::from_secs(10))
+                .tcp_nodelay(true)
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // 1. Idle memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.status_kib("VmRSS")? * 1024;
+    let gate = Arc::new(Semaphore::new(args.open_concurrency));
+    let (tx, mut rx) = unbounded_channel();
+    let opening = Instant::now();
+    for id in 0..n {
+        let http = clients[id / args.per_client].clone();
+        let (plan, gate, drops, tx) = (plan.clone(), gate.clone(), drops.clone(), tx.clone());
+        streams.spawn(async move {
+            if let Err(e) = follow(&http, &plan, &gate, &drops, &tx).await {
+                let _ = tx.send(Msg::Failed(format!("stream {id}: {e:#}")));
+            }
+        });
+    }
+    drop(tx);
+    gather(&mut rx, n, deadline, "opened", |msg| match msg {
+        Msg::Opened => Ok(()),
+        _ => anyhow::bail!("a stream got an event before any was published"),
+    })
+    .await?;
+    let open_secs = opening.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    let rss_after = server.status_kib("VmRSS")? * 1024;
+
+    // 2. Latency at a fixed rate.
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let publisher = publisher_client(args)?;
+    publish_at_rate(&publisher, server, &plan.topic, latency_events, args.rate).await?;
+    let mut hist = Histogram::<u32>::new(2)?;
+    gather(
+        &mut rx,
+        n,
+        deadline,
+        "got the last latency event",
+        |msg| match msg {
+            Msg::Latency(h) => Ok(hist.add(&*h)?),
+            _ => anyhow::bail!("unexpected report during the latency scenario"),
+        },
+    )
+    .await?;
+    let delivered = latency_events * n as u64;
+    anyhow::ensure!(
+        hist.len() == delivered,
+        "recorded {} latencies for {delivered} deliveries",
+        hist.len()
+    );
+    let latency_server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let latency_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+
+    // 3. Saturation.
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let started = Instant::now();
+    let publisher = publisher_client(args)?;
+    publish_burst(&publisher, server, &plan.topic, args).await?;
+    let mut last_done = started;
+    gather(
+        &mut rx,
+        n,
+        deadline,
+        "got the last burst event",
+        |msg| match msg {
+            Msg::Done(at) => {
+                last_done = last_done.max(at);
+                Ok(())
+            }
+            _ => anyhow::bail!("unexpected report during the burst"),
+        },
+    )
+    .await?;
+    let burst_secs = last_done.duration_since(started).as_secs_f64();
+    let server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+
+    let ms = |v: u64| v as f64 / 1000.0;
+    Ok(Figure {
+        open_secs,
+        rss_before: rss_before as f64,
+        rss_after: rss_after as f64,
+        bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
+        p50_ms: ms(hist.value_at_quantile(0.5)),
+        p99_ms: ms(hist.value_at_quantile(0.99)),
+        p999_ms: ms(hist.value_at_quantile(0.999)),
+        max_ms: ms(hist.max()),
+        latency_server_cpu_secs,
+        latency_bench_cpu_secs,
+        burst_secs,
+        deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
+        closed: drops.closed.load(Ordering::Relaxed) as f64,
+        broken: drops.broken.load(Ordering::Relaxed) as f64,
+        server_cpu_secs,
+        bench_cpu_secs,
+        peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+    })
+}
+
+/// An HTTP client for one scenario's publishes. Fresh per scenario, and it
+/// drops connections idle for a second: the server answers a connection that
+/// sent no request within 5 s with a 408, and one that idled longer than its
+/// keep-alive it closes, either of which would fail the next publish sent on
+/// it (a publish is not retried: that could duplicate the event).
+fn publisher_client(args: &Args) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(args.publishers + 1)
+        .pool_idle_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// Takes `n` reports from the streams, each through `take`, within `deadline`.
+async fn gather(
+    rx: &mut UnboundedReceiver<Msg>,
+    n: usize,
+    deadline: Duration,
+    what: &str,
+    mut take: impl FnMut(Msg) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + deadline;
+    for got in 0..n {
+        let msg = tokio::time::timeout_at(until, rx.recv())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "only {got} of {n} streams {what} within {} s",
+                    deadline.as_secs()
+                )
+            })?
+            .ok_or_else(|| anyhow::anyhow!("the streams ended early"))?;
+        match msg {
+            Msg::Failed(e) => anyhow::bail!("{e} ({got} of {n} streams had {what} by then)"),
+            msg => take(msg)?,
+        }
+    }
+    Ok(())
+}
+
+/// One stream: opens it, then reads events until the burst's last one,
+/// checking that seqs come exactly once and in order, reconnecting with
+/// `Last-Event-ID` when the server closes it.
+async fn follow(
+    http: &reqwest::Client,
+    plan: &Plan,
+    gate: &Semaphore,
+    drops: &Drops,
+    tx: &UnboundedSender<Msg>,
+) -> anyhow::Result<()> {
+    let mut events = {
+        let _permit = gate.acquire().await?;
+        open(http, &plan.url, None).await?
+    };
+    if tx.send(Msg::Opened).is_err() {
+        return Ok(());
+    }
+    let mut hist = Histogram::<u32>::new(2)?;
+    let mut last = 0;
+    while last < plan.last_seq {
+        let event = match events.next().await {
+            Some(Ok(event)) => event,
+            Some(Err(EventStreamError::Transport(e))) => {
+                // The connection broke: count it and resume, as EventSource does.
+                drops.broken(format!(
+                    "{:#}",
+                    anyhow::Error::new(e).context(format!("after seq {last}"))
+                ));
+                let _permit = gate.acquire().await?;
+                let id = format!("{}:{last}", plan.topic);
+                events = open(http, &plan.url, Some(&id))
+                    .await
+                    .with_context(|| format!("reconnecting after seq {last}"))?;
+                continue;
+            }
+            Some(Err(e)) => anyhow::bail!("the stream after seq {last} is not valid SSE: {e}"),
+            None => {
+                drops.closed.fetch_add(1, Ordering::Relaxed);
+                let _permit = gate.acquire().await?;
+                let id = format!("{}:{last}", plan.topic);
+                events = open(http, &plan.url, Some(&id))
+                    .await
+                    .with_context(|| format!("reconnecting after seq {last}"))?;
+                continue;
+            }
+        };
+        let received = now_us();
+        anyhow::ensure!(
+            event.event == "message",
+            "got a {:?} event after seq {last}: {}",
+            event.event,
+            event.data
+        );
+        let seq = event
+            .id
+            .strip_prefix(plan.topic.as_str())
+            .and_then(|s| s.strip_prefix(':'))
+            .and_then(|s| s.parse::<u64>().ok())
+            .with_context(|| format!("event id {:?} after seq {last}", event.id))?;
+        anyhow::ensure!(
+            seq == last + 1,
+            "got seq {seq} after seq {last} (expected {})",
+            last + 1
+        );
+        last = seq;
+        if seq <= plan.latency_events {
+            let m: Message = serde_json::from_str(&event.data)
+                .with_context(|| format!("event data {:?}", event.data))?;
+            anyhow::ensure!(
+                m.topic == plan.topic && m.seq == seq,
+                "event id {:?} carries topic {:?} seq {}",
+                event.id,
+                m.topic,
+                m.seq
+            );
+            hist.record(received.saturating_sub(m.data.sent_us))?;
+            if seq == plan.latency_events {
+                let done = std::mem::replace(&mut hist, Histogram::new(2)?);
+                if tx.send(Msg::Latency(Box::new(done))).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if tx.send(Msg::Done(Instant::now())).is_ok() {
+        // Stay connected until the run ends, so that no stream closes while
+        // others are still being measured.
+        let _events = events;
+        std::future::pending::<()>().await;
+    }
+    Ok(())
+}
+
+/// Opens `url` as an event stream (resuming after `last_event_id`), checks
+/// the 200 and the first `retry:` chunk, and returns the parsed events after it.
+async fn open(
+    http: &reqwest::Client,
+    url: &str,
+    last_event_id: Option<&str>,
+) -> anyhow::Result<Events> {
+    let mut req = http.get(url).header("Accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    let res = req.send().await.context("SSE request")?;
+    let status = res.status();
+    if status != 200 {
+        let body = res.text().await.unwrap_or_default();
+        anyhow::bail!("SSE request answered {status}: {body}");
+    }
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        content_type.starts_with("text/event-stream"),
+        "SSE request answered content type {content_type:?}"
+    );
+    let mut body = res.bytes_stream();
+    let mut head = Vec::new();
+    let end = loop {
+        if let Some(at) = head.windows(2).position(|w| w == b"\n\n") {
+            break at + 2;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), body.next()).await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk.context("reading the first chunk")?),
+            Ok(None) => anyhow::bail!(
+                "the stream ended before its first block: {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+            Err(_) => anyhow::bail!("no `retry:` block within 30 s of the 200"),
+        }
+    };
+    anyhow::ensure!(
+        head.starts_with(b"retry: "),
+        "the stream began with {:?}, not `retry:`",
+        String::from_utf8_lossy(&head[..end])
+    );
+    let rest = Bytes::from(head).slice(end..);
+    Ok(Box::pin(
+        stream::once(async move { Ok(rest) })
+            .chain(body)
+            .flat_map(|chunk| stream::iter(split_events(chunk)))
+            .eventsource(),
+    ))
+}
+
+/// `chunk` cut after every blank line, so that the parser gets about one
+/// event at a time. Any cut is valid input; this one matters for speed:
+/// `eventsource-stream` copies the rest of its buffer for every line it
+/// consumes, which on a chunk of 64 events costs far more than the server
+/// spent producing it and would make the bench, not the server, the limit.
+fn split_events(chunk: reqwest::Result<Bytes>) -> Vec<reqwest::Result<Bytes>> {
+    let Ok(chunk) = chunk else {
+        return vec![chunk];
+    };
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for i in 1..chunk.len() {
+        if chunk[i] == b'\n' && chunk[i - 1] == b'\n' {
+            pieces.push(Ok(chunk.slice(start..=i)));
+            start = i + 1;
+        }
+    }
+    if start < chunk.len() {
+        pieces.push(Ok(chunk.slice(start..)));
+    }
+    pieces
+}
+
+/// Publishes `events` events one at a time, `rate` per second, each carrying
+/// the wall-clock time it was sent at.
+async fn publish_at_rate(
+    http: &reqwest::Client,
+    server: &Server,
+    topic: &str,
+    events: u64,
+    rate: f64,
+) -> anyhow::Result<()> {
+    #[derive(Deserialize)]
+    struct Published {
+        seq: u64,
+    }
+    let url = server.url(&format!("/v1/topics/{topic}/events"));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    for seq in 1..=events {
+        tick.tick().await;
+        let res = http
+            .post(&url)
+            .json(&json!({"data": {"sent_us": now_us()}}))
+            .send()
+            .await?;
+        anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
+        let published: Published = res.json().await?;
+        anyhow::ensure!(
+            published.seq == seq,
+            "publish got seq {} (expected {seq})",
+            published.seq
+        );
+    }
+    Ok(())
+}
+
+/// Publishes `--burst` events as batch requests of `--batch`, `--publishers`
+/// requests in flight at once.
+async fn publish_burst(
+    http: &reqwest::Client,
+    server: &Server,
+    topic: &str,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let url = server.url("/v1/events");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut publishers = JoinSet::new();
+    for _ in 0..args.publishers {
+        let (http, url, next, topic) = (http.clone(), url.clone(), next.clone(), topic.to_owned());
+        let (burst, batch) = (args.burst, args.batch);
+        publishers.spawn(async move {
+            loop {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= burst {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let items: Vec<_> = (from..(from + batch).min(burst))
+                    .map(|i| json!({"topic": topic, "data": {"n": i, "sent_us": now_us()}}))
+                    .collect();
+                let res = http.post(&url).json(&items).send().await?;
+                anyhow::ensure!(
+                    res.status() == 201,
+                    "batch publish answered {}",
+                    res.status()
+                );
+            }
+        });
+    }
+    while let Some(done) = publishers.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Microseconds since the UNIX epoch, by the wall clock (the same clock for
+/// the server process and the bench: they share the machine).
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The soft limit on open files (`ulimit -n`), which the server inherits.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// User plus system CPU time, in seconds, from a `/proc/<pid>/stat` file.
+fn cpu_secs(stat: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(stat).with_context(|| format!("reading {stat}"))?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no field {} in {stat}", i + 3))
+    };
+    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux).
+    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// The server under test: the `realtime` binary as a child process, killed
+/// when dropped. Mirrors `rt_tests::ServiceProcess`, keeping the pid for
+/// `/proc` and the last lines it logged for failure messages.
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Lines of the server's log kept for failure messages.
+const LOG_TAIL: usize = 12;
+
+impl Server {
+    /// Starts `binary` on a free loopback port with `env` and waits until it
+    /// logs the address it listens on. Blocks.
+    fn start(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Server> {
+        let mut child = Command::new(binary)
+            .env("RT_BIND", "127.0.0.1:0")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
+        let (tx, lines) = mpsc::channel();
+        let pipes: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as _),
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let (tx, log) = (tx.clone(), log.clone());
+            // Reads to the end, so the server never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let line = strip_ansi(&line);
+                    {
+                        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                        if log.len() == LOG_TAIL {
+                            log.pop_front();
+                        }
+                        log.push_back(line.clone());
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut server = Server {
+            child,
+            base: String::new(),
+            log,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(at) = line.find("listening on http://") {
+                        server.base = line[at + "listening on ".len()..]
+                            .split(|c: char| c.is_whitespace() || c == '"')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
+                        return Ok(server);
+                    }
+                }
+                Err(_) => {
+                    return Err(server.explain(anyhow::anyhow!(
+                        "{} did not report its address within 30 s",
+                        binary.display()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
+    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .with_context(|| format!("no {field} in {path}"))
+    }
+
+    fn cpu_secs(&self) -> anyhow::Result<f64> {
+        cpu_secs(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// `err`, followed by whether the server still runs and what it logged last.
+    fn explain(&mut self, err: anyhow::Error) -> anyhow::Error {
+        let state = match self.child.try_wait() {
+            Ok(None) => "the server is still running".to_owned(),
+            Ok(Some(status)) => format!("the server exited ({status})"),
+            Err(e) => format!("the server's state is unknown ({e})"),
+        };
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let tail: Vec<&str> = log.iter().map(String::as_str).collect();
+        anyhow::anyhow!(
+            "{err:#}\n  ({state}; its last log lines:\n    {})",
+            tail.join("\n    ")
+        )
+    }
+}
+
+/// `line` without ANSI escape sequences (the text log format colours).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The median of every figure, each taken on its own over the runs.
+fn medians(runs: &[Figure]) -> Figure {
+    let median = |get: fn(&Figure) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(get).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Figure {
+        open_secs: median(|f| f.open_secs),
+        rss_before: median(|f| f.rss_before),
+        rss_after: median(|f| f.rss_after),
+        bytes_per_conn: median(|f| f.bytes_per_conn),
+        p50_ms: median(|f| f.p50_ms),
+        p99_ms: median(|f| f.p99_ms),
+        p999_ms: median(|f| f.p999_ms),
+        max_ms: median(|f| f.max_ms),
+        latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
+        latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
+        burst_secs: median(|f| f.burst_secs),
+        deliveries_per_sec: median(|f| f.deliveries_per_sec),
+        closed: median(|f| f.closed),
+        broken: median(|f| f.broken),
+        server_cpu_secs: median(|f| f.server_cpu_secs),
+        bench_cpu_secs: median(|f| f.bench_cpu_secs),
+        peak_rss: median(|f| f.peak_rss),
+    }
+}
+
+fn print_report(args: &Args, results: &[Outcome]) {
+    let bus = if args.nats_url.is_some() {
+        "nats"
+    } else {
+        "in-process"
+    };
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let mib = |v: f64| v / (1024.0 * 1024.0);
+    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    println!(
+        "\nSSE, all streams on one topic, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
+        args.runs.max(1)
+    );
+    // One table per scenario, a row per connection count.
+    let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
+        println!("\n{title}\n{head}");
+        for o in results {
+            match &o.result {
+                Ok(f) => println!("{:<12} {}", o.n, row(f)),
+                Err(_) => println!("{:<12} failed", o.n),
+            }
+        }
+    };
+
+    table(
+        format!(
+            "idle memory (server VmRSS, {} ms after the last stream opened)",
+            args.settle_ms
+        ),
+        format!(
+            "{:<12} {:>8} {:>15} {:>14} {:>14}",
+            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
+                f.open_secs,
+                mib(f.rss_before),
+                mib(f.rss_after),
+                f.bytes_per_conn / 1024.0
+            )
+        },
+    );
+    table(
+        format!(
+            "latency: {latency_events} events at {}/s, publish sent -> event parsed by the client",
+            args.rate
+        ),
+        format!(
+            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
+            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
+                f.p50_ms,
+                f.p99_ms,
+                f.p999_ms,
+                f.max_ms,
+                f.latency_server_cpu_secs,
+                f.latency_bench_cpu_secs
+            )
+        },
+    );
+    table(
+        format!(
+            "saturation: burst of {} events in batch requests of {}, {} in flight; \
+             reconnects over the whole run",
+            args.burst, args.batch, args.publishers
+        ),
+        format!(
+            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}",
+            "connections",
+            "deliveries/s",
+            "secs",
+            "server CPU s",
+            "bench CPU s",
+            "peak RSS MiB",
+            "ended+resumed",
+            "broke+resumed"
+        ),
+        &|f| {
+            format!(
+                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>13.0} {:>13.0}",
+                f.deliveries_per_sec,
+                f.burst_secs,
+                f.server_cpu_secs,
+                f.bench_cpu_secs,
+                mib(f.peak_rss),
+                f.closed,
+                f.broken
+            )
+        },
+    );
+    for o in results {
+        if let Some(e) = &o.first_error {
+            println!(
+                "\n{} connections: streams broke and resumed; the first error: {e}",
+                o.n
+            );
+        }
+        if let Err(e) = &o.result {
+            println!("\n{} connections FAILED: {e}", o.n);
+        }
+    }
+
+    for o in results {
+        let n = o.n;
+        let common = json!({
+            "connections": n, "bus": bus, "runs": args.runs.max(1),
+        });
+        let lines = match &o.result {
+            Ok(f) => vec![
+                json!({
+                    "scenario": "sse", "name": format!("idle memory, {n} connections"),
+                    "open_secs": r3(f.open_secs),
+                    "rss_before_bytes": f.rss_before.round() as u64,
+                    "rss_after_bytes": f.rss_after.round() as u64,
+                    "bytes_per_connection": f.bytes_per_conn.round() as i64,
+                    "settle_ms": args.settle_ms,
+                }),
+                json!({
+                    "scenario": "sse", "name": format!("latency, {n} connections"),
+                    "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
+                    "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
+                    "server_cpu_secs": r3(f.latency_server_cpu_secs),
+                    "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
+                }),
+                json!({
+                    "scenario": "sse", "name": format!("saturation, {n} connections"),
+                    "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
+                    "secs": r3(f.burst_secs),
+                    "server_cpu_secs": r3(f.server_cpu_secs), "bench_cpu_secs": r3(f.bench_cpu_secs),
+                    "peak_rss_bytes": f.peak_rss.round() as u64,
+                    "streams_ended_and_resumed": f.closed.round() as u64,
+                    "streams_broken_and_resumed": f.broken.round() as u64,
+                    "first_transport_error": o.first_error,
+                    "burst": args.burst, "batch": args.batch, "publishers": args.publishers,
+                }),
+            ],
+            Err(e) => vec![json!({
+                "scenario": "sse", "name": format!("{n} connections"), "error": e,
+            })],
+        };
+        for mut line in lines {
+            if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
+                line.extend(common.clone());
+            }
+            println!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_cut_after_blank_lines_and_lose_nothing() {
+        let text =
+            "id: t:1\nevent: message\ndata: {}\n\nid: t:2\ndata: x\n\n: heartbeat\n\nid: t:3\nda";
+        let pieces: Vec<Bytes> = split_events(Ok(Bytes::from(text)))
+            .into_iter()
+            .map(|p| p.expect("a piece"))
+            .collect();
+        assert_eq!(pieces.len(), 4);
+        assert_eq!(&pieces[1][..], b"id: t:2\ndata: x\n\n");
+        assert_eq!(&pieces[3][..], b"id: t:3\nda");
+        assert_eq!(pieces.concat(), text.as_bytes());
+    }
+
+    #[test]
+    fn colours_are_stripped_from_log_lines() {
+        assert_eq!(
+            strip_ansi(
+                "\u{1b}[2m12:00\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m listening on http://127.0.0.1:1"
+            ),
+            "12:00  INFO listening on http://127.0.0.1:1"
+        );
+    }
+}
