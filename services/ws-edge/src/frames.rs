@@ -22,9 +22,15 @@ pub(crate) struct ClientFrame {
     pub(crate) after: Option<u64>,
     #[serde(rename = "type")]
     pub(crate) event_type: Option<String>,
+    /// Any JSON, `null` included; `None` only when the field is missing.
+    #[serde(default, deserialize_with = "present")]
     pub(crate) data: Option<Box<RawValue>>,
     #[serde(rename = "ref")]
     pub(crate) reference: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 /// Reads the `ref` of a frame that did not parse as a [`ClientFrame`], so
@@ -174,6 +180,14 @@ mod tests {
             &*error(None, "bad", "no"),
             r#"{"op":"error","code":"bad","message":"no"}"#
         );
+    }
+
+    #[test]
+    fn null_data_is_data_and_missing_data_is_not() {
+        let f: ClientFrame = serde_json::from_str(r#"{"op":"publish","data":null}"#).unwrap();
+        assert_eq!(f.data.map(|d| d.get().to_owned()), Some("null".into()));
+        let f: ClientFrame = serde_json::from_str(r#"{"op":"publish"}"#).unwrap();
+        assert!(f.data.is_none());
     }
 
     #[test]

@@ -37,6 +37,27 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/ws").route(web::get().to(upgrade)));
 }
 
+/// Browsers send `Origin` with every WebSocket upgrade but apply no CORS to
+/// it, so a page on any site could open a socket with the user's cookie.
+/// Upgrades from a browser are accepted from this server's own origin and
+/// from `--cors-origins` only; clients that send no `Origin` are not browsers.
+fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    let host = req.connection_info().host().to_owned();
+    let same_origin = origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&host));
+    if same_origin || allowed.iter().any(|a| a == "*" || a == origin) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "WebSocket upgrades from origin {origin} are not allowed (see --cors-origins)"
+    )))
+}
+
 async fn upgrade(
     ctx: web::Data<Context>,
     principal: Principal,
@@ -52,6 +73,7 @@ async fn upgrade(
             ));
         }
     }
+    check_origin(&req, &ctx.settings.cors_origins)?;
     let max = ctx.settings.ws_max_connections;
     let pass = ctx.ws_gate.try_enter(max).ok_or_else(|| {
         ApiError::unavailable(

@@ -701,3 +701,39 @@ async fn a_socket_that_stops_reading_is_closed_as_too_slow_and_resumes_with_afte
         assert_eq!(event["seq"], seq);
     }
 }
+
+#[tokio::test]
+async fn browser_upgrades_are_checked_against_the_allowed_origins() {
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.cors_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let with_origin = |origin: String| {
+        let mut req = url.clone().into_client_request().unwrap();
+        req.headers_mut().insert("Origin", origin.parse().unwrap());
+        connect_request(req)
+    };
+    match with_origin("https://evil.example".into()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    assert!(
+        with_origin("https://app.example".into()).await.is_ok(),
+        "a listed origin"
+    );
+    let own = app.base.clone();
+    assert!(with_origin(own).await.is_ok(), "the server's own origin");
+
+    // `"data": null` is data: published and acked like any other JSON.
+    let mut ws = connect(&app.base).await;
+    send(
+        &mut ws,
+        json!({"op": "publish", "topic": "n", "data": null, "ref": "p"}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut ws, WAIT).await,
+        json!({"op": "ack", "ref": "p", "topic": "n", "seq": 1})
+    );
+}
