@@ -88,6 +88,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
 
+    // The same clients against a route that does nothing: the rate at which
+    // this machine answers HTTP requests at all, the bound of one-event publishes.
+    let ceiling = median(&args, "HTTP ceiling: GET /healthz, requests/s", |_| {
+        healthz_load(&http, &base, &args)
+    })
+    .await?;
+    figures.push(ceiling);
+
     for (name, topics, batch) in [
         ("publisher, 1 hot topic, 1 event/request", 1, 1),
         ("publisher, 100 topics, 1 event/request", 100, 1),
@@ -172,6 +180,34 @@ async fn raw_insert(url: &str, args: &Args) -> anyhow::Result<Figure> {
     Ok(Figure {
         name: String::new(),
         events_per_sec: args.events as f64 / secs,
+        p50_ms: None,
+        p99_ms: None,
+    })
+}
+
+/// `concurrency` clients send `events` requests to `GET /healthz` in all.
+async fn healthz_load(http: &reqwest::Client, base: &str, args: &Args) -> anyhow::Result<Figure> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (http, next, url) = (http.clone(), next.clone(), format!("{base}/healthz"));
+        let total = args.events;
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let res = http.get(&url).send().await?;
+                anyhow::ensure!(res.status().is_success(), "/healthz answered {}", res.status());
+                res.bytes().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(Figure {
+        name: String::new(),
+        events_per_sec: args.events as f64 / started.elapsed().as_secs_f64(),
         p50_ms: None,
         p99_ms: None,
     })
