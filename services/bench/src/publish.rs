@@ -196,7 +196,11 @@ async fn healthz_load(http: &reqwest::Client, base: &str, args: &Args) -> anyhow
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 let res = http.get(&url).send().await?;
-                anyhow::ensure!(res.status().is_success(), "/healthz answered {}", res.status());
+                anyhow::ensure!(
+                    res.status().is_success(),
+                    "/healthz answered {}",
+                    res.status()
+                );
                 res.bytes().await?;
             }
             Ok::<_, anyhow::Error>(())
