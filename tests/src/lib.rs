@@ -305,6 +305,43 @@ impl TestApp {
         self.handle.clone()
     }
 
+    /// A raw socket to the server with a 4 KiB receive buffer, that has sent
+    /// `GET path` with `extra` headers (each ending in CRLF): a client that
+    /// can stop reading whenever the test likes.
+    pub async fn raw_get(&self, path: &str, extra: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let addr = self.base.trim_start_matches("http://").to_owned();
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("receive buffer");
+        let mut tcp = socket
+            .connect(addr.parse().expect("address"))
+            .await
+            .expect("connect");
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n").as_bytes())
+            .await
+            .expect("send request");
+        tcp
+    }
+
+    /// Publishes `batches` batch requests of 100 events to `topic`, each event
+    /// padded to about `pad` bytes.
+    pub async fn publish_padded(&self, topic: &str, batches: usize, pad: usize) {
+        let big = "x".repeat(pad);
+        for chunk in 0..batches {
+            let batch: Vec<serde_json::Value> = (0..100)
+                .map(|i| serde_json::json!({"topic": topic, "data": {"i": chunk * 100 + i, "pad": big}}))
+                .collect();
+            let res = self
+                .http
+                .post(self.url("/v1/events"))
+                .json(&batch)
+                .send()
+                .await
+                .expect("batch publish");
+            assert_eq!(res.status(), 201);
+        }
+    }
+
     /// Stops the server, finishing requests in flight.
     pub async fn stop(&self) {
         self.handle.stop(true).await;
@@ -320,6 +357,10 @@ impl Drop for TestApp {
         }
     }
 }
+
+/// Request headers that ask for a WebSocket upgrade (for [`TestApp::raw_get`]).
+pub const WS_UPGRADE_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
 /// The seqs of a poll answer's `events`.
 pub fn seqs(body: &serde_json::Value) -> Vec<u64> {

@@ -115,3 +115,60 @@ async fn two_edges_deliver_everything_and_clients_of_a_killed_one_resume_on_the_
     let status = survivor.terminate();
     assert!(status.success());
 }
+
+/// A client that stops reading costs the server a bounded amount of memory:
+/// the stream pulls only what the socket takes and the hub's ring is shared.
+#[tokio::test]
+async fn a_stalled_client_does_not_grow_the_servers_memory() {
+    use tokio::io::AsyncReadExt;
+    rt_tests::init_telemetry();
+    let db = TestDb::create().await;
+    let prefix = unique_prefix();
+    let nats = nats_url();
+    let edge = ServiceProcess::start(
+        env!("CARGO_BIN_EXE_sse-edge"),
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("RT_NATS_URL", nats.as_str()),
+            ("RT_NATS_PREFIX", prefix.as_str()),
+            ("RT_HUB_QUEUE", "64"),
+            ("RT_TCP_SEND_BUFFER", "16384"),
+        ],
+    );
+    let ctx = Context::connect(distributed_settings(&db.url, &prefix))
+        .await
+        .unwrap();
+    let publisher = TestApp::serve(ctx, prefix, None, None);
+
+    // A raw client with a small receive buffer: it reads the stream's start,
+    // then nothing more.
+    let addr = edge.base.trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        format!("GET /v1/sse?topic=big HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Warm up, then send 20 MB of events the client never reads.
+    publisher.publish_padded("big", 5, 2000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = edge.rss_bytes();
+    publisher.publish_padded("big", 100, 2000).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let grew = edge.rss_bytes().saturating_sub(before);
+    assert!(
+        grew < 8 << 20,
+        "the server grew by {} KiB while 20 MB went to a stalled client",
+        grew >> 10
+    );
+    drop(tcp);
+    assert!(edge.terminate().success());
+}

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use futures_util::{SinkExt, StreamExt};
 use rt_core::{Topic, store::Retention};
 use rt_tests::{
-    Engines, TestApp,
+    Engines, TestApp, WS_UPGRADE_HEADERS,
     ws::{Received, Socket, connect, connect_request, recv, recv_json, send},
 };
 use serde_json::{Value, json};
@@ -558,17 +558,7 @@ async fn oversized_messages_idle_sockets_and_shutdown_close_with_meaningful_code
 
     // A client that never answers pings (a raw socket that reads nothing for
     // a while; a WebSocket library would answer them on its own).
-    let addr = app.base.trim_start_matches("http://").to_owned();
-    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    idle.write_all(
-        format!(
-            "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let mut idle = app.raw_get("/v1/ws", WS_UPGRADE_HEADERS).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, idle.read_to_end(&mut raw))
@@ -638,19 +628,7 @@ async fn a_socket_that_stops_reading_is_closed_as_too_slow_and_resumes_with_afte
     })
     .await;
     // A raw socket with a small receive buffer: subscribes, then never reads.
-    let addr = app.base.trim_start_matches("http://").to_owned();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut raw = socket.connect(addr.parse().unwrap()).await.unwrap();
-    raw.write_all(
-        format!(
-            "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let mut raw = app.raw_get("/v1/ws", WS_UPGRADE_HEADERS).await;
     // A masked client text frame: {"op":"subscribe","topic":"slow"}.
     let payload = br#"{"op":"subscribe","topic":"slow"}"#;
     let mask = [1u8, 2, 3, 4];
@@ -661,19 +639,7 @@ async fn a_socket_that_stops_reading_is_closed_as_too_slow_and_resumes_with_afte
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let big = "x".repeat(2000);
-    for chunk in 0..10 {
-        let batch: Vec<Value> = (0..100)
-            .map(|i| json!({"topic": "slow", "data": {"i": chunk * 100 + i, "pad": big}}))
-            .collect();
-        let res = app
-            .http
-            .post(app.url("/v1/events"))
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-    }
+    app.publish_padded("slow", 10, big.len()).await;
     let closed = || {
         app.ctx
             .metrics
