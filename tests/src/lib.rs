@@ -48,6 +48,7 @@ pub fn configure_all(cfg: &mut actix_web::web::ServiceConfig) {
     rt_poll_api::configure(cfg);
     rt_sse_edge::configure(cfg);
     rt_ws_edge::configure(cfg);
+    rt_push_dispatcher::configure(cfg);
 }
 
 /// A subject prefix no other test uses.

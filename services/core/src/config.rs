@@ -191,6 +191,21 @@ pub struct Settings {
     #[arg(long, env = "RT_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_timeout: Duration,
 
+    /// VAPID private key of Web Push: the raw 32-byte P-256 scalar, base64url
+    /// without padding. None: one is generated once and kept in the store.
+    #[arg(long, env = "RT_VAPID_PRIVATE_KEY", hide_env_values = true)]
+    pub vapid_private_key: Option<String>,
+
+    /// Contact put in every VAPID token (`sub` claim): a `mailto:` or
+    /// `https://` URL the push services can reach the operator at.
+    #[arg(long, env = "RT_VAPID_SUBJECT", value_parser = parse_vapid_subject, default_value = "mailto:admin@localhost")]
+    pub vapid_subject: String,
+
+    /// Accept `http://` push endpoints (a local push-service emulator, tests).
+    /// Browsers' push services always use `https://`.
+    #[arg(long, env = "RT_PUSH_ALLOW_INSECURE_ENDPOINTS")]
+    pub push_allow_insecure_endpoints: bool,
+
     /// Log format.
     #[arg(long, env = "RT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -243,6 +258,9 @@ impl Default for Settings {
             tcp_send_buffer: None,
             http_workers: None,
             shutdown_timeout: Duration::from_secs(10),
+            vapid_private_key: None,
+            vapid_subject: "mailto:admin@localhost".into(),
+            push_allow_insecure_endpoints: false,
             log_format: LogFormat::Text,
             otlp_endpoint: None,
         }
@@ -261,6 +279,19 @@ impl Settings {
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
     }
+}
+
+/// Checks a VAPID subject: a `mailto:` or `https:` URL (RFC 8292, section 2.1).
+pub fn parse_vapid_subject(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("mailto:")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| format!("{s:?} is neither a mailto: nor an https:// URL"))?;
+    if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{s:?} is not a usable contact URL"));
+    }
+    Ok(s.to_owned())
 }
 
 /// Parses `250ms`, `30s`, `5m`, `12h`, `7d` (a bare number is seconds).
@@ -317,6 +348,24 @@ mod tests {
         assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn vapid_subjects_are_mailto_or_https() {
+        assert_eq!(
+            parse_vapid_subject("mailto:ops@example.com").as_deref(),
+            Ok("mailto:ops@example.com")
+        );
+        assert!(parse_vapid_subject("https://example.com/contact").is_ok());
+        assert!(parse_vapid_subject(&Settings::default().vapid_subject).is_ok());
+        for bad in [
+            "ops@example.com",
+            "http://example.com",
+            "mailto:",
+            "mailto:a b",
+        ] {
+            assert!(parse_vapid_subject(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@ use clap::Parser;
 use rt_core::config::Settings;
 
 /// Real-time event delivery: publish over HTTP, poll (short and long) with
-/// positions or named cursors, stream Server-Sent Events, and WebSockets;
-/// every service in one process.
+/// positions or named cursors, stream Server-Sent Events, WebSockets, and
+/// Web Push subscriptions; every service in one process.
 #[derive(Parser)]
 #[command(name = "realtime", version)]
 struct Args {
@@ -22,10 +22,12 @@ fn configure(cfg: &mut actix_web::web::ServiceConfig) {
     rt_poll_api::configure(cfg);
     rt_sse_edge::configure(cfg);
     rt_ws_edge::configure(cfg);
+    rt_push_dispatcher::configure(cfg);
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    rt_push_dispatcher::check_settings(&args.settings)?;
     rt_core::server::run_service("realtime", args.settings, configure).await
 }

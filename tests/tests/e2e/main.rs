@@ -8,6 +8,7 @@ mod outage;
 mod poll;
 mod poll_errors;
 mod publish;
+mod push;
 mod retention;
 mod sse;
 mod ws;

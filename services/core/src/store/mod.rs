@@ -76,6 +76,52 @@ pub struct CursorRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A browser's Web Push subscription as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushSubscriptionRecord {
+    pub id: String,
+    /// The `sub` of the token that registered it; `None` for anonymous.
+    pub subject: Option<String>,
+    pub endpoint: String,
+    /// The browser's P-256 public key, base64url without padding.
+    pub p256dh: String,
+    /// The browser's 16-byte auth secret, base64url without padding.
+    pub auth: String,
+    /// The browser's `expirationTime`, in milliseconds since the epoch.
+    pub expiration_ms: Option<i64>,
+    /// Sorted, distinct.
+    pub topics: Vec<Topic>,
+    /// Send only topic and seq notices, never the event's data.
+    pub notice_only: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A push subscription to register, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPushSubscription {
+    pub subject: Option<String>,
+    pub endpoint: String,
+    pub p256dh: String,
+    pub auth: String,
+    pub expiration_ms: Option<i64>,
+    pub topics: Vec<Topic>,
+    pub notice_only: bool,
+}
+
+/// What registering a push subscription did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushUpsert {
+    /// A new subscription.
+    Created(PushSubscriptionRecord),
+    /// The endpoint was registered already: its topics, keys, expiry, flag
+    /// and owner were replaced; it kept its id and creation time.
+    Updated(PushSubscriptionRecord),
+    /// The endpoint is registered by another subject and the request did not
+    /// present the same `auth` secret: nothing changed.
+    OwnedByOther,
+}
+
 /// How long events are kept. Both limits may apply at once.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Retention {
@@ -139,6 +185,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a cursor; false when there was none.
     async fn delete_cursor(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// The stored VAPID private key. When there is none, stores `candidate`
+    /// first; concurrent callers all get the one that was stored first.
+    async fn vapid_private_key(&self, candidate: &str) -> Result<String, StoreError>;
+
+    /// Registers a push subscription, or updates the one with the same
+    /// endpoint when it has the same subject or the same `auth` secret (the
+    /// browser that holds the subscription moved to another subject).
+    async fn upsert_push_subscription(
+        &self,
+        sub: &NewPushSubscription,
+    ) -> Result<PushUpsert, StoreError>;
+
+    /// The push subscriptions registered by `subject` (`None`: anonymous
+    /// ones), oldest first.
+    async fn push_subscriptions(
+        &self,
+        subject: Option<&str>,
+    ) -> Result<Vec<PushSubscriptionRecord>, StoreError>;
+
+    /// Deletes the push subscription `id` if `subject` registered it; false
+    /// when there is no such subscription of that subject.
+    async fn delete_push_subscription(
+        &self,
+        id: &str,
+        subject: Option<&str>,
+    ) -> Result<bool, StoreError>;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -233,6 +306,28 @@ fn cursor_from_row(
         created_at,
         updated_at,
     })
+}
+
+/// A push subscription's stored topics: comma-joined (any order), returned
+/// sorted, refusing rows that break the contract.
+fn push_topics_from(id: &str, topics: &str) -> Result<Vec<Topic>, StoreError> {
+    let mut topics = topics
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(Topic::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Corrupt(format!("push subscription {id}: bad topic: {e}")))?;
+    topics.sort();
+    topics.dedup();
+    Ok(topics)
+}
+
+/// A new subscription's topics, sorted and distinct, as the store keeps them.
+fn sorted_push_topics(sub: &NewPushSubscription) -> Vec<Topic> {
+    let mut topics = sub.topics.clone();
+    topics.sort();
+    topics.dedup();
+    topics
 }
 
 /// The stored form of a cursor's topic list.

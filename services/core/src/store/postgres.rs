@@ -10,8 +10,9 @@ use sqlx::{
 };
 
 use super::{
-    Appended, CursorRecord, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs,
-    cursor_from_row, event_from_row, join_topics, sorted_topics,
+    Appended, CursorRecord, NewPushSubscription, PushSubscriptionRecord, PushUpsert, ReadResult,
+    Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row, event_from_row,
+    join_topics, push_topics_from, sorted_push_topics, sorted_topics,
 };
 use crate::event::{NewEvent, Position, Topic};
 
@@ -398,6 +399,141 @@ impl Store for PgStore {
             .bind(name)
             .execute(&self.pool)
             .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn vapid_private_key(&self, candidate: &str) -> Result<String, StoreError> {
+        // Two statements, not one: the SELECT takes a fresh snapshot, so it
+        // sees the row of a concurrent first start that won the insert.
+        sqlx::query(
+            "INSERT INTO rt_vapid_keys (id, private_key) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(candidate)
+        .execute(&self.pool)
+        .await?;
+        let key: String = sqlx::query_scalar("SELECT private_key FROM rt_vapid_keys WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(key)
+    }
+
+    async fn upsert_push_subscription(
+        &self,
+        sub: &NewPushSubscription,
+    ) -> Result<PushUpsert, StoreError> {
+        let topics = sorted_push_topics(sub);
+        let names: Vec<&str> = topics.iter().map(Topic::as_str).collect();
+        let candidate = uuid::Uuid::new_v4().to_string();
+        let mut tx = self.pool.begin().await?;
+        // The conflicting row is locked until commit, so concurrent
+        // registrations of one endpoint apply one after the other.
+        let Some(row) = sqlx::query(
+            "INSERT INTO rt_push_subscriptions
+                 (id, subject, endpoint, p256dh, auth, expiration_ms, notice_only)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (endpoint) DO UPDATE SET
+                 subject = EXCLUDED.subject, p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
+                 expiration_ms = EXCLUDED.expiration_ms, notice_only = EXCLUDED.notice_only,
+                 updated_at = now()
+             WHERE rt_push_subscriptions.subject IS NOT DISTINCT FROM EXCLUDED.subject
+                OR rt_push_subscriptions.auth = EXCLUDED.auth
+             RETURNING id, created_at, updated_at",
+        )
+        .bind(&candidate)
+        .bind(sub.subject.as_deref())
+        .bind(&sub.endpoint)
+        .bind(&sub.p256dh)
+        .bind(&sub.auth)
+        .bind(sub.expiration_ms)
+        .bind(sub.notice_only)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(PushUpsert::OwnedByOther);
+        };
+        let id: String = row.get(0);
+        sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = $1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO rt_push_topics (subscription_id, topic) SELECT $1, unnest($2::text[])",
+        )
+        .bind(&id)
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let created = id == candidate;
+        let record = PushSubscriptionRecord {
+            id,
+            subject: sub.subject.clone(),
+            endpoint: sub.endpoint.clone(),
+            p256dh: sub.p256dh.clone(),
+            auth: sub.auth.clone(),
+            expiration_ms: sub.expiration_ms,
+            topics,
+            notice_only: sub.notice_only,
+            created_at: row.get(1),
+            updated_at: row.get(2),
+        };
+        Ok(if created {
+            PushUpsert::Created(record)
+        } else {
+            PushUpsert::Updated(record)
+        })
+    }
+
+    async fn push_subscriptions(
+        &self,
+        subject: Option<&str>,
+    ) -> Result<Vec<PushSubscriptionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.subject, s.endpoint, s.p256dh, s.auth, s.expiration_ms, s.notice_only,
+                    s.created_at, s.updated_at,
+                    COALESCE((SELECT string_agg(t.topic, ',') FROM rt_push_topics t
+                              WHERE t.subscription_id = s.id), '')
+             FROM rt_push_subscriptions s
+             WHERE ($1::text IS NULL AND s.subject IS NULL) OR s.subject = $1
+             ORDER BY s.created_at, s.id",
+        )
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get(0);
+                let topics = push_topics_from(&id, row.get::<&str, _>(9))?;
+                Ok(PushSubscriptionRecord {
+                    subject: row.get(1),
+                    endpoint: row.get(2),
+                    p256dh: row.get(3),
+                    auth: row.get(4),
+                    expiration_ms: row.get(5),
+                    topics,
+                    notice_only: row.get(6),
+                    created_at: row.get(7),
+                    updated_at: row.get(8),
+                    id,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_push_subscription(
+        &self,
+        id: &str,
+        subject: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        // Its topics go with it (ON DELETE CASCADE).
+        let done = sqlx::query(
+            "DELETE FROM rt_push_subscriptions
+             WHERE id = $1 AND (($2::text IS NULL AND subject IS NULL) OR subject = $2)",
+        )
+        .bind(id)
+        .bind(subject)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 

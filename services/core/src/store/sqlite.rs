@@ -11,8 +11,9 @@ use sqlx::{
 };
 
 use super::{
-    Appended, CursorRecord, ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs,
-    cursor_from_row, event_from_row, join_topics, sorted_topics,
+    Appended, CursorRecord, NewPushSubscription, PushSubscriptionRecord, PushUpsert, ReadResult,
+    Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row, event_from_row,
+    join_topics, push_topics_from, sorted_push_topics, sorted_topics,
 };
 use crate::event::{NewEvent, Position, Topic};
 
@@ -323,6 +324,149 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn vapid_private_key(&self, candidate: &str) -> Result<String, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO rt_vapid_keys (id, private_key, created_us) VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(candidate)
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await?;
+        let key: String = sqlx::query_scalar("SELECT private_key FROM rt_vapid_keys WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    async fn upsert_push_subscription(
+        &self,
+        sub: &NewPushSubscription,
+    ) -> Result<PushUpsert, StoreError> {
+        let topics = sorted_push_topics(sub);
+        let candidate = uuid::Uuid::new_v4().to_string();
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // An update whose WHERE fails returns no row: another subject's.
+        let Some(row) = sqlx::query(
+            "INSERT INTO rt_push_subscriptions
+                 (id, subject, endpoint, p256dh, auth, expiration_ms, notice_only, created_us, updated_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+             ON CONFLICT (endpoint) DO UPDATE SET
+                 subject = excluded.subject, p256dh = excluded.p256dh, auth = excluded.auth,
+                 expiration_ms = excluded.expiration_ms, notice_only = excluded.notice_only,
+                 updated_us = excluded.updated_us
+             WHERE rt_push_subscriptions.subject IS excluded.subject
+                OR rt_push_subscriptions.auth = excluded.auth
+             RETURNING id, created_us, updated_us",
+        )
+        .bind(&candidate)
+        .bind(sub.subject.as_deref())
+        .bind(&sub.endpoint)
+        .bind(&sub.p256dh)
+        .bind(&sub.auth)
+        .bind(sub.expiration_ms)
+        .bind(sub.notice_only)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(PushUpsert::OwnedByOther);
+        };
+        let id: String = row.get(0);
+        sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = ?1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        for topic in &topics {
+            sqlx::query("INSERT INTO rt_push_topics (subscription_id, topic) VALUES (?1, ?2)")
+                .bind(&id)
+                .bind(topic.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let created = id == candidate;
+        let record = PushSubscriptionRecord {
+            id,
+            subject: sub.subject.clone(),
+            endpoint: sub.endpoint.clone(),
+            p256dh: sub.p256dh.clone(),
+            auth: sub.auth.clone(),
+            expiration_ms: sub.expiration_ms,
+            topics,
+            notice_only: sub.notice_only,
+            created_at: from_micros(row.get(1)),
+            updated_at: from_micros(row.get(2)),
+        };
+        Ok(if created {
+            PushUpsert::Created(record)
+        } else {
+            PushUpsert::Updated(record)
+        })
+    }
+
+    async fn push_subscriptions(
+        &self,
+        subject: Option<&str>,
+    ) -> Result<Vec<PushSubscriptionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.subject, s.endpoint, s.p256dh, s.auth, s.expiration_ms, s.notice_only,
+                    s.created_us, s.updated_us,
+                    COALESCE((SELECT group_concat(t.topic, ',') FROM rt_push_topics t
+                              WHERE t.subscription_id = s.id), '')
+             FROM rt_push_subscriptions s
+             WHERE s.subject IS ?1
+             ORDER BY s.created_us, s.id",
+        )
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get(0);
+                let topics = push_topics_from(&id, row.get::<&str, _>(9))?;
+                Ok(PushSubscriptionRecord {
+                    subject: row.get(1),
+                    endpoint: row.get(2),
+                    p256dh: row.get(3),
+                    auth: row.get(4),
+                    expiration_ms: row.get(5),
+                    topics,
+                    notice_only: row.get(6),
+                    created_at: from_micros(row.get(7)),
+                    updated_at: from_micros(row.get(8)),
+                    id,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_push_subscription(
+        &self,
+        id: &str,
+        subject: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        // Topics explicitly too: foreign keys may be off on this connection.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let done = sqlx::query("DELETE FROM rt_push_subscriptions WHERE id = ?1 AND subject IS ?2")
+            .bind(id)
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+        let deleted = done.rows_affected() > 0;
+        if deleted {
+            sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
