@@ -168,7 +168,7 @@ fn too_big(limit: usize) -> CloseReason {
 
 /// Hands a subscription's deliveries to the outgoing queue, waiting while it
 /// is full (a catch-up from the log comes in bursts); a queue that stays full
-/// for [`SEND_STALL`], or a follower that lagged, means the client is too slow.
+/// for [`SEND_STALL`] means the client is too slow.
 async fn forward(mut follower: Follower, out: mpsc::Sender<Out>, too_slow: Arc<Notify>) {
     let mut failures = 0;
     loop {
@@ -392,7 +392,11 @@ impl Conn {
             None => Follower::start_live(&self.ctx.hub, &topic, PAGE).await,
         };
         let follower = match started {
-            Ok(f) => f.fail_on_lag(),
+            // A subscription that falls behind the hub's ring catches up
+            // from the log (cache, else store) instead of being cut: bursts
+            // longer than the ring are normal. A client that cannot keep up
+            // at all is found by the outgoing queue's stall rule.
+            Ok(f) => f,
             Err(e) => {
                 return self
                     .error(
