@@ -14,10 +14,18 @@
 //! server's memory per idle stream, publish → event latency at a fixed rate
 //! (every stream must get every event exactly once and in order), and
 //! deliveries per second under a burst of batch publishes.
+//!
+//! `rt-bench ws` measures WebSockets the same way, with 1,000 and 10,000
+//! sockets subscribed to one topic on a `realtime` process of its own:
+//! memory per idle socket, publish → event latency at a fixed rate (checked
+//! exactly once and in order), deliveries per second under a burst, and the
+//! latency from a publish sent over a WebSocket to its ack.
 
 mod poll;
 mod publish;
+mod server;
 mod sse;
+mod ws;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +48,9 @@ enum Scenario {
     Poll(poll::Args),
     /// SSE memory per stream, latency and saturation, server in its own process.
     Sse(sse::Args),
+    /// WebSocket memory per socket, latency, saturation and publish acks,
+    /// server in its own process.
+    Ws(ws::Args),
 }
 
 #[tokio::main]
@@ -48,5 +59,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Publish(args) => publish::run(args).await,
         Scenario::Poll(args) => poll::run(args).await,
         Scenario::Sse(args) => sse::run(args).await,
+        Scenario::Ws(args) => ws::run(args).await,
     }
 }

@@ -26,17 +26,10 @@
 //! server share the machine.
 
 use std::{
-    collections::VecDeque,
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     pin::Pin,
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -47,8 +40,13 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::{
-    sync::{Semaphore, mpsc::UnboundedReceiver, mpsc::UnboundedSender, mpsc::unbounded_channel},
+    sync::{Semaphore, mpsc::UnboundedSender, mpsc::unbounded_channel},
     task::JoinSet,
+};
+
+use crate::server::{
+    Drops, Msg, Server, cpu_secs, gather, now_us, open_files_limit, publish_at_rate, publish_burst,
+    publisher_client, server_binary,
 };
 
 #[derive(clap::Args)]
@@ -135,37 +133,6 @@ struct Figure {
     bench_cpu_secs: f64,
     /// Server `VmHWM` (peak resident set) at the end of the run.
     peak_rss: f64,
-}
-
-/// What the streams report to the run.
-enum Msg {
-    /// 200 and the first `retry:` chunk arrived.
-    Opened,
-    /// The last event of the latency scenario arrived: its latencies.
-    Latency(Box<Histogram<u32>>),
-    /// The last event of the burst arrived, at that instant.
-    Done(Instant),
-    /// The stream failed; the run fails.
-    Failed(String),
-}
-
-/// Streams that lost their connection and reconnected, in one run.
-#[derive(Default)]
-struct Drops {
-    /// The server ended the stream (a client too far behind is closed).
-    closed: AtomicU64,
-    /// The connection broke (a transport error reading the body).
-    broken: AtomicU64,
-    /// The first transport error, for the report.
-    first_error: Mutex<Option<String>>,
-}
-
-impl Drops {
-    fn broken(&self, error: String) {
-        self.broken.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
-        first.get_or_insert(error);
-    }
 }
 
 /// What every stream of a run is told.
@@ -294,22 +261,6 @@ struct Outcome {
     first_error: Option<String>,
 }
 
-/// The `realtime` binary next to this one.
-fn server_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
-    let dir = exe
-        .parent()
-        .context("the rt-bench executable has no directory")?;
-    let binary = dir.join("realtime");
-    anyhow::ensure!(
-        binary.is_file(),
-        "the server binary {} is missing: build it next to rt-bench with \
-         `cargo build --release -p realtime` (`cargo build -p realtime` for a debug rt-bench)",
-        binary.display()
-    );
-    Ok(binary)
-}
-
 /// One run with `n` streams, on a server process of its own.
 async fn one_run(
     binary: &Path,
@@ -390,7 +341,7 @@ async fn measure(
         });
     }
     drop(tx);
-    gather(&mut rx, n, deadline, "opened", |msg| match msg {
+    gather(&mut rx, n, "streams", deadline, "opened", |msg| match msg {
         Msg::Opened => Ok(()),
         _ => anyhow::bail!("a stream got an event before any was published"),
     })
@@ -401,12 +352,13 @@ async fn measure(
 
     // 2. Latency at a fixed rate.
     let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
-    let publisher = publisher_client(args)?;
+    let publisher = publisher_client(args.publishers)?;
     publish_at_rate(&publisher, server, &plan.topic, latency_events, args.rate).await?;
     let mut hist = Histogram::<u32>::new(2)?;
     gather(
         &mut rx,
         n,
+        "streams",
         deadline,
         "got the last latency event",
         |msg| match msg {
@@ -427,12 +379,21 @@ async fn measure(
     // 3. Saturation.
     let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
     let started = Instant::now();
-    let publisher = publisher_client(args)?;
-    publish_burst(&publisher, server, &plan.topic, args).await?;
+    let publisher = publisher_client(args.publishers)?;
+    publish_burst(
+        &publisher,
+        server,
+        &plan.topic,
+        args.burst,
+        args.batch,
+        args.publishers,
+    )
+    .await?;
     let mut last_done = started;
     gather(
         &mut rx,
         n,
+        "streams",
         deadline,
         "got the last burst event",
         |msg| match msg {
@@ -468,48 +429,6 @@ async fn measure(
         bench_cpu_secs,
         peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
     })
-}
-
-/// An HTTP client for one scenario's publishes. Fresh per scenario, and it
-/// drops connections idle for a second: the server answers a connection that
-/// sent no request within 5 s with a 408, and one that idled longer than its
-/// keep-alive it closes, either of which would fail the next publish sent on
-/// it (a publish is not retried: that could duplicate the event).
-fn publisher_client(args: &Args) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(args.publishers + 1)
-        .pool_idle_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(60))
-        .build()
-}
-
-/// Takes `n` reports from the streams, each through `take`, within `deadline`.
-async fn gather(
-    rx: &mut UnboundedReceiver<Msg>,
-    n: usize,
-    deadline: Duration,
-    what: &str,
-    mut take: impl FnMut(Msg) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + deadline;
-    for got in 0..n {
-        let msg = tokio::time::timeout_at(until, rx.recv())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "only {got} of {n} streams {what} within {} s",
-                    deadline.as_secs()
-                )
-            })?
-            .ok_or_else(|| anyhow::anyhow!("the streams ended early"))?;
-        match msg {
-            Msg::Failed(e) => anyhow::bail!("{e} ({got} of {n} streams had {what} by then)"),
-            msg => take(msg)?,
-        }
-    }
-    Ok(())
 }
 
 /// One stream: opens it, then reads events until the burst's last one,
@@ -681,252 +600,6 @@ fn split_events(chunk: reqwest::Result<Bytes>) -> Vec<reqwest::Result<Bytes>> {
         pieces.push(Ok(chunk.slice(start..)));
     }
     pieces
-}
-
-/// Publishes `events` events one at a time, `rate` per second, each carrying
-/// the wall-clock time it was sent at.
-async fn publish_at_rate(
-    http: &reqwest::Client,
-    server: &Server,
-    topic: &str,
-    events: u64,
-    rate: f64,
-) -> anyhow::Result<()> {
-    #[derive(Deserialize)]
-    struct Published {
-        seq: u64,
-    }
-    let url = server.url(&format!("/v1/topics/{topic}/events"));
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    for seq in 1..=events {
-        tick.tick().await;
-        let res = http
-            .post(&url)
-            .json(&json!({"data": {"sent_us": now_us()}}))
-            .send()
-            .await?;
-        anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
-        let published: Published = res.json().await?;
-        anyhow::ensure!(
-            published.seq == seq,
-            "publish got seq {} (expected {seq})",
-            published.seq
-        );
-    }
-    Ok(())
-}
-
-/// Publishes `--burst` events as batch requests of `--batch`, `--publishers`
-/// requests in flight at once.
-async fn publish_burst(
-    http: &reqwest::Client,
-    server: &Server,
-    topic: &str,
-    args: &Args,
-) -> anyhow::Result<()> {
-    let url = server.url("/v1/events");
-    let next = Arc::new(AtomicU64::new(0));
-    let mut publishers = JoinSet::new();
-    for _ in 0..args.publishers {
-        let (http, url, next, topic) = (http.clone(), url.clone(), next.clone(), topic.to_owned());
-        let (burst, batch) = (args.burst, args.batch);
-        publishers.spawn(async move {
-            loop {
-                let from = next.fetch_add(batch, Ordering::Relaxed);
-                if from >= burst {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                let items: Vec<_> = (from..(from + batch).min(burst))
-                    .map(|i| json!({"topic": topic, "data": {"n": i, "sent_us": now_us()}}))
-                    .collect();
-                let res = http.post(&url).json(&items).send().await?;
-                anyhow::ensure!(
-                    res.status() == 201,
-                    "batch publish answered {}",
-                    res.status()
-                );
-            }
-        });
-    }
-    while let Some(done) = publishers.join_next().await {
-        done??;
-    }
-    Ok(())
-}
-
-/// Microseconds since the UNIX epoch, by the wall clock (the same clock for
-/// the server process and the bench: they share the machine).
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
-/// The soft limit on open files (`ulimit -n`), which the server inherits.
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// User plus system CPU time, in seconds, from a `/proc/<pid>/stat` file.
-fn cpu_secs(stat: &str) -> anyhow::Result<f64> {
-    let text = std::fs::read_to_string(stat).with_context(|| format!("reading {stat}"))?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        fields
-            .get(i)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no field {} in {stat}", i + 3))
-    };
-    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux).
-    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
-}
-
-/// The server under test: the `realtime` binary as a child process, killed
-/// when dropped. Mirrors `rt_tests::ServiceProcess`, keeping the pid for
-/// `/proc` and the last lines it logged for failure messages.
-struct Server {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<VecDeque<String>>>,
-}
-
-/// Lines of the server's log kept for failure messages.
-const LOG_TAIL: usize = 12;
-
-impl Server {
-    /// Starts `binary` on a free loopback port with `env` and waits until it
-    /// logs the address it listens on. Blocks.
-    fn start(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Server> {
-        let mut child = Command::new(binary)
-            .env("RT_BIND", "127.0.0.1:0")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        let (tx, lines) = mpsc::channel();
-        let pipes: [Option<Box<dyn std::io::Read + Send>>; 2] = [
-            child.stdout.take().map(|p| Box::new(p) as _),
-            child.stderr.take().map(|p| Box::new(p) as _),
-        ];
-        for pipe in pipes.into_iter().flatten() {
-            let (tx, log) = (tx.clone(), log.clone());
-            // Reads to the end, so the server never blocks on a full pipe.
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let line = strip_ansi(&line);
-                    {
-                        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-                        if log.len() == LOG_TAIL {
-                            log.pop_front();
-                        }
-                        log.push_back(line.clone());
-                    }
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        drop(tx);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut server = Server {
-            child,
-            base: String::new(),
-            log,
-        };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(at) = line.find("listening on http://") {
-                        server.base = line[at + "listening on ".len()..]
-                            .split(|c: char| c.is_whitespace() || c == '"')
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned();
-                        return Ok(server);
-                    }
-                }
-                Err(_) => {
-                    return Err(server.explain(anyhow::anyhow!(
-                        "{} did not report its address within 30 s",
-                        binary.display()
-                    )));
-                }
-            }
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
-    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
-            .with_context(|| format!("no {field} in {path}"))
-    }
-
-    fn cpu_secs(&self) -> anyhow::Result<f64> {
-        cpu_secs(&format!("/proc/{}/stat", self.child.id()))
-    }
-
-    /// `err`, followed by whether the server still runs and what it logged last.
-    fn explain(&mut self, err: anyhow::Error) -> anyhow::Error {
-        let state = match self.child.try_wait() {
-            Ok(None) => "the server is still running".to_owned(),
-            Ok(Some(status)) => format!("the server exited ({status})"),
-            Err(e) => format!("the server's state is unknown ({e})"),
-        };
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let tail: Vec<&str> = log.iter().map(String::as_str).collect();
-        anyhow::anyhow!(
-            "{err:#}\n  ({state}; its last log lines:\n    {})",
-            tail.join("\n    ")
-        )
-    }
-}
-
-/// `line` without ANSI escape sequences (the text log format colours).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The median of every figure, each taken on its own over the runs.
@@ -1126,15 +799,5 @@ mod tests {
         assert_eq!(&pieces[1][..], b"id: t:2\ndata: x\n\n");
         assert_eq!(&pieces[3][..], b"id: t:3\nda");
         assert_eq!(pieces.concat(), text.as_bytes());
-    }
-
-    #[test]
-    fn colours_are_stripped_from_log_lines() {
-        assert_eq!(
-            strip_ansi(
-                "\u{1b}[2m12:00\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m listening on http://127.0.0.1:1"
-            ),
-            "12:00  INFO listening on http://127.0.0.1:1"
-        );
     }
 }

@@ -1,0 +1,389 @@
+//! The server under test, and what the scenarios that measure it share.
+//!
+//! The all-in-one `realtime` binary runs as a process of its own, next to
+//! `rt-bench`, so that its memory and CPU time are read from `/proc` apart
+//! from the bench's. The scenarios (`sse`, `ws`) publish to it over HTTP
+//! with the same helpers, and their clients report to the run the same way.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::{sync::mpsc::UnboundedReceiver, task::JoinSet};
+
+/// What the clients (SSE streams, WebSockets) report to the run.
+pub(crate) enum Msg {
+    /// The client is connected and ready (an SSE stream's 200 and `retry:`
+    /// chunk, a WebSocket's subscription ack).
+    Opened,
+    /// The last event of the latency scenario arrived: its latencies.
+    Latency(Box<Histogram<u32>>),
+    /// The last event of the burst arrived, at that instant.
+    Done(Instant),
+    /// The client failed; the run fails.
+    Failed(String),
+}
+
+/// Clients that lost their connection and reconnected, in one run.
+#[derive(Default)]
+pub(crate) struct Drops {
+    /// The server ended the stream or closed the socket (a client too far
+    /// behind is closed).
+    pub(crate) closed: AtomicU64,
+    /// The connection broke (a transport error reading it).
+    pub(crate) broken: AtomicU64,
+    /// The first transport error, for the report.
+    pub(crate) first_error: Mutex<Option<String>>,
+    /// The first close the server sent (WebSockets: code and reason).
+    pub(crate) first_close: Mutex<Option<String>>,
+}
+
+impl Drops {
+    pub(crate) fn broken(&self, error: String) {
+        self.broken.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(error);
+    }
+
+    /// Counts a connection the server closed, keeping the first `reason`.
+    pub(crate) fn closed(&self, reason: String) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_close.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(reason);
+    }
+}
+
+/// The `realtime` binary next to this one.
+pub(crate) fn server_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
+    let dir = exe
+        .parent()
+        .context("the rt-bench executable has no directory")?;
+    let binary = dir.join("realtime");
+    anyhow::ensure!(
+        binary.is_file(),
+        "the server binary {} is missing: build it next to rt-bench with \
+         `cargo build --release -p realtime` (`cargo build -p realtime` for a debug rt-bench)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// An HTTP client for one scenario's publishes. Fresh per scenario, and it
+/// drops connections idle for a second: the server answers a connection that
+/// sent no request within 5 s with a 408, and one that idled longer than its
+/// keep-alive it closes, either of which would fail the next publish sent on
+/// it (a publish is not retried: that could duplicate the event).
+pub(crate) fn publisher_client(publishers: usize) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(publishers + 1)
+        .pool_idle_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// Takes `n` reports from the `clients` ("streams", "sockets"), each
+/// through `take`, within `deadline`.
+pub(crate) async fn gather(
+    rx: &mut UnboundedReceiver<Msg>,
+    n: usize,
+    clients: &str,
+    deadline: Duration,
+    what: &str,
+    mut take: impl FnMut(Msg) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + deadline;
+    for got in 0..n {
+        let msg = tokio::time::timeout_at(until, rx.recv())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "only {got} of {n} {clients} {what} within {} s",
+                    deadline.as_secs()
+                )
+            })?
+            .ok_or_else(|| anyhow::anyhow!("the {clients} ended early"))?;
+        match msg {
+            Msg::Failed(e) => anyhow::bail!("{e} ({got} of {n} {clients} had {what} by then)"),
+            msg => take(msg)?,
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `events` events one at a time, `rate` per second, each carrying
+/// the wall-clock time it was sent at.
+pub(crate) async fn publish_at_rate(
+    http: &reqwest::Client,
+    server: &Server,
+    topic: &str,
+    events: u64,
+    rate: f64,
+) -> anyhow::Result<()> {
+    #[derive(Deserialize)]
+    struct Published {
+        seq: u64,
+    }
+    let url = server.url(&format!("/v1/topics/{topic}/events"));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    for seq in 1..=events {
+        tick.tick().await;
+        let res = http
+            .post(&url)
+            .json(&json!({"data": {"sent_us": now_us()}}))
+            .send()
+            .await?;
+        anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
+        let published: Published = res.json().await?;
+        anyhow::ensure!(
+            published.seq == seq,
+            "publish got seq {} (expected {seq})",
+            published.seq
+        );
+    }
+    Ok(())
+}
+
+/// Publishes `burst` events as batch requests of `batch`, `publishers`
+/// requests in flight at once.
+pub(crate) async fn publish_burst(
+    http: &reqwest::Client,
+    server: &Server,
+    topic: &str,
+    burst: u64,
+    batch: u64,
+    publishers: usize,
+) -> anyhow::Result<()> {
+    let url = server.url("/v1/events");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..publishers {
+        let (http, url, next, topic) = (http.clone(), url.clone(), next.clone(), topic.to_owned());
+        tasks.spawn(async move {
+            loop {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= burst {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let items: Vec<_> = (from..(from + batch).min(burst))
+                    .map(|i| json!({"topic": topic, "data": {"n": i, "sent_us": now_us()}}))
+                    .collect();
+                let res = http.post(&url).json(&items).send().await?;
+                anyhow::ensure!(
+                    res.status() == 201,
+                    "batch publish answered {}",
+                    res.status()
+                );
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Microseconds since the UNIX epoch, by the wall clock (the same clock for
+/// the server process and the bench: they share the machine).
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The soft limit on open files (`ulimit -n`), which the server inherits.
+pub(crate) fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// User plus system CPU time, in seconds, from a `/proc/<pid>/stat` file.
+pub(crate) fn cpu_secs(stat: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(stat).with_context(|| format!("reading {stat}"))?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no field {} in {stat}", i + 3))
+    };
+    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux).
+    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// The server under test: the `realtime` binary as a child process, killed
+/// when dropped. Mirrors `rt_tests::ServiceProcess`, keeping the pid for
+/// `/proc` and the last lines it logged for failure messages.
+pub(crate) struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Lines of the server's log kept for failure messages.
+const LOG_TAIL: usize = 12;
+
+impl Server {
+    /// Starts `binary` on a free loopback port with `env` and waits until it
+    /// logs the address it listens on. Blocks.
+    pub(crate) fn start(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Server> {
+        let mut child = Command::new(binary)
+            .env("RT_BIND", "127.0.0.1:0")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
+        let (tx, lines) = mpsc::channel();
+        let pipes: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as _),
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let (tx, log) = (tx.clone(), log.clone());
+            // Reads to the end, so the server never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let line = strip_ansi(&line);
+                    {
+                        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                        if log.len() == LOG_TAIL {
+                            log.pop_front();
+                        }
+                        log.push_back(line.clone());
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut server = Server {
+            child,
+            base: String::new(),
+            log,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(at) = line.find("listening on http://") {
+                        server.base = line[at + "listening on ".len()..]
+                            .split(|c: char| c.is_whitespace() || c == '"')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
+                        return Ok(server);
+                    }
+                }
+                Err(_) => {
+                    return Err(server.explain(anyhow::anyhow!(
+                        "{} did not report its address within 30 s",
+                        binary.display()
+                    )));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
+    pub(crate) fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .with_context(|| format!("no {field} in {path}"))
+    }
+
+    pub(crate) fn cpu_secs(&self) -> anyhow::Result<f64> {
+        cpu_secs(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// `err`, followed by whether the server still runs and what it logged last.
+    pub(crate) fn explain(&mut self, err: anyhow::Error) -> anyhow::Error {
+        let state = match self.child.try_wait() {
+            Ok(None) => "the server is still running".to_owned(),
+            Ok(Some(status)) => format!("the server exited ({status})"),
+            Err(e) => format!("the server's state is unknown ({e})"),
+        };
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let tail: Vec<&str> = log.iter().map(String::as_str).collect();
+        anyhow::anyhow!(
+            "{err:#}\n  ({state}; its last log lines:\n    {})",
+            tail.join("\n    ")
+        )
+    }
+}
+
+/// `line` without ANSI escape sequences (the text log format colours).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_are_stripped_from_log_lines() {
+        assert_eq!(
+            strip_ansi(
+                "\u{1b}[2m12:00\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m listening on http://127.0.0.1:1"
+            ),
+            "12:00  INFO listening on http://127.0.0.1:1"
+        );
+    }
+}

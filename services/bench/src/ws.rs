@@ -1,0 +1,1063 @@
+//! WebSockets at scale: many sockets subscribed to one topic, served by the
+//! all-in-one `realtime` binary running as a process of its own (as for
+//! `rt-bench sse`), so that its memory is measured apart from the bench's.
+//!
+//! For every connection count (`--connections`, default 1,000 and 10,000) and
+//! every run, the bench starts a fresh server process over a database of its
+//! own (created and dropped by the bench), and on a fresh topic:
+//!
+//! 1. idle memory: reads the server's resident set (`VmRSS`), opens the
+//!    sockets (at most `--open-concurrency` at a time; each connects to
+//!    `/v1/ws`, subscribes to the topic and waits for the subscription's
+//!    ack), waits `--settle-ms`, and reads it again;
+//! 2. latency at a fixed rate: publishes `--rate` events per second over HTTP
+//!    for `--seconds`, each carrying the wall-clock time it was sent at; every
+//!    socket records, per event, arrival time minus send time, and checks
+//!    that it saw every seq exactly once and in order;
+//! 3. saturation: publishes `--burst` events over HTTP as batch requests of
+//!    `--batch`, as fast as `--publishers` concurrent publishers can, and
+//!    measures deliveries (events × sockets) per second from the first
+//!    publish to the last socket having the last event;
+//! 4. publish → ack: `--ack-sockets` more sockets publish `--acks` events over
+//!    the WebSocket, on a topic of their own, each keeping at most
+//!    `--ack-window` publishes waiting for their ack, and record the time
+//!    from sending a publish frame to reading its ack (the ack comes after
+//!    the commit); the subscribed sockets stay connected meanwhile.
+//!
+//! A subscribed socket the server closes (a client too far behind is closed
+//! with 1008) or whose connection breaks reconnects at once and subscribes
+//! again with `after` set to the last seq it got, and resumes from the log;
+//! such reconnects are counted and reported, and the exactly-once, in-order
+//! check spans them. The bench's own CPU time is reported next to the
+//! server's: client and server share the machine.
+
+use std::{
+    collections::VecDeque,
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
+use tokio::{
+    net::TcpStream,
+    sync::{Semaphore, mpsc::UnboundedSender, mpsc::unbounded_channel},
+    task::JoinSet,
+};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, Message, protocol::WebSocketConfig},
+};
+
+use crate::server::{
+    Drops, Msg, Server, cpu_secs, gather, now_us, open_files_limit, publish_at_rate, publish_burst,
+    publisher_client, server_binary,
+};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Postgres server to benchmark against (a database is created and dropped).
+    #[arg(
+        long,
+        env = "RT_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// NATS URL for the server under test; without it, its in-process bus.
+    #[arg(long, env = "RT_BENCH_NATS_URL")]
+    nats_url: Option<String>,
+    /// WebSocket counts to measure, comma-separated; all on one topic.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    connections: Vec<usize>,
+    /// Sockets being opened (connected and subscribed) at once.
+    #[arg(long, default_value_t = 200)]
+    open_concurrency: usize,
+    /// Pause between the last subscription ack and the second memory
+    /// reading, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// Events per second in the latency scenario.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Seconds of publishing in the latency scenario.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Events in the saturation burst.
+    #[arg(long, default_value_t = 2000)]
+    burst: u64,
+    /// Events per batch request in the burst.
+    #[arg(long, default_value_t = 100)]
+    batch: u64,
+    /// Batch requests in flight at once in the burst.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Events published over WebSockets in the publish → ack scenario.
+    #[arg(long, default_value_t = 1000)]
+    acks: u64,
+    /// Sockets publishing in the publish → ack scenario (they share `--acks`).
+    #[arg(long, default_value_t = 1)]
+    ack_sockets: usize,
+    /// Publishes each of those sockets keeps waiting for their ack; 1 sends
+    /// the next publish only once the previous one is acknowledged.
+    #[arg(long, default_value_t = 1)]
+    ack_window: usize,
+    /// Longest wait, in seconds, for all sockets to open, for the last event
+    /// of a scenario after its last publish, or for an ack.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Runs per connection count; the median of each figure is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// One run's figures (or, in the report, the median of each over the runs).
+#[derive(Clone, Copy)]
+struct Figure {
+    /// First connect → every socket has its subscription ack.
+    open_secs: f64,
+    /// Server `VmRSS` before the sockets open and after they idled.
+    rss_before: f64,
+    rss_after: f64,
+    /// (after − before) / connections.
+    bytes_per_conn: f64,
+    /// Publish sent → event frame parsed by the socket, per event per socket.
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    /// CPU time, in seconds, the server and the bench used from the first
+    /// latency publish to the last socket having its last event.
+    latency_server_cpu_secs: f64,
+    latency_bench_cpu_secs: f64,
+    /// First burst publish → last socket has the last event.
+    burst_secs: f64,
+    /// Burst events × sockets / `burst_secs`.
+    deliveries_per_sec: f64,
+    /// CPU time, in seconds, the server and the bench used during the burst.
+    server_cpu_secs: f64,
+    bench_cpu_secs: f64,
+    /// Publish frame sent → its ack read, over the WebSocket.
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    ack_p999_ms: f64,
+    ack_max_ms: f64,
+    /// First publish frame sent → last ack read.
+    ack_secs: f64,
+    /// `--acks` / `ack_secs`.
+    publishes_per_sec: f64,
+    /// CPU time, in seconds, the server and the bench used for the publishes.
+    ack_server_cpu_secs: f64,
+    ack_bench_cpu_secs: f64,
+    /// Sockets the server closed and the bench reopened, whole run.
+    closed: f64,
+    /// Sockets whose connection broke and the bench reopened, whole run.
+    broken: f64,
+    /// Server `VmHWM` (peak resident set) at the end of the run.
+    peak_rss: f64,
+}
+
+/// What every subscribed socket of a run is told.
+struct Plan {
+    topic: String,
+    /// `ws://.../v1/ws`.
+    url: String,
+    /// Seqs 1..=latency_events are the latency scenario's.
+    latency_events: u64,
+    /// The burst's last seq.
+    last_seq: u64,
+}
+
+/// A server frame, as far as the bench reads it: an event, an ack, or
+/// anything else (an error, a reset), which the bench reports whole.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    op: &'a str,
+    topic: Option<&'a str>,
+    seq: Option<u64>,
+    /// Subscription acks: the position the subscription starts after.
+    after: Option<u64>,
+    #[serde(rename = "ref")]
+    reference: Option<&'a str>,
+    #[serde(rename = "type")]
+    event_type: Option<&'a str>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Sent {
+    sent_us: u64,
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a connect, a handshake or a subscription ack may take.
+const OPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// The `ref` of every subscription.
+const SUBSCRIBE_REF: &str = "s";
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
+        "--connections must list counts of at least 1"
+    );
+    anyhow::ensure!(
+        args.rate > 0.0 && args.seconds > 0.0,
+        "--rate and --seconds must be positive"
+    );
+    anyhow::ensure!(
+        args.burst > 0 && args.batch > 0,
+        "--burst and --batch must be at least 1"
+    );
+    anyhow::ensure!(
+        args.open_concurrency > 0 && args.publishers > 0,
+        "--open-concurrency and --publishers must be at least 1"
+    );
+    anyhow::ensure!(
+        args.acks > 0 && args.ack_sockets > 0 && args.ack_window > 0,
+        "--acks, --ack-sockets and --ack-window must be at least 1"
+    );
+    let binary = server_binary()?;
+    if let Some(limit) = open_files_limit() {
+        let most = args.connections.iter().max().copied().unwrap_or(0) + args.ack_sockets;
+        if limit < most as u64 + 100 {
+            eprintln!(
+                "warning: the open-file limit is {limit}; {most} sockets need about {} descriptors \
+                 in the bench and as many in the server (raise it with `ulimit -n`)",
+                most + 100
+            );
+        }
+    }
+
+    // A database of the bench's own, dropped at the end.
+    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let mut results = Vec::new();
+    for &n in &args.connections {
+        let mut runs = Vec::new();
+        let (mut failure, mut first_error, mut first_close) = (None, None, None);
+        for run in 0..args.runs.max(1) {
+            match one_run(&binary, &db.url, &args, n, run).await {
+                Ok((f, error, close)) => {
+                    if let Some(error) = &error {
+                        eprintln!(
+                            "  {n} connections, run {}: {} sockets broke and reconnected; the first: {error}",
+                            run + 1,
+                            f.broken
+                        );
+                    }
+                    if let Some(close) = &close {
+                        eprintln!(
+                            "  {n} connections, run {}: the server closed {} sockets, which reconnected; the first: {close}",
+                            run + 1,
+                            f.closed
+                        );
+                    }
+                    first_error = first_error.or(error);
+                    first_close = first_close.or(close);
+                    if !args.quiet {
+                        eprintln!(
+                            "  {n} connections, run {}: opened in {:.1} s, {:.1} KiB/connection idle; \
+                             latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s; \
+                             publish -> ack p50 {:.2} ms, p99 {:.2} ms, {:.0} publishes/s; \
+                             reconnects: {} closed, {} broken",
+                            run + 1,
+                            f.open_secs,
+                            f.bytes_per_conn / 1024.0,
+                            f.p50_ms,
+                            f.p99_ms,
+                            f.max_ms,
+                            f.deliveries_per_sec,
+                            f.ack_p50_ms,
+                            f.ack_p99_ms,
+                            f.publishes_per_sec,
+                            f.closed,
+                            f.broken
+                        );
+                    }
+                    runs.push(f);
+                }
+                Err(e) => {
+                    eprintln!("  {n} connections, run {}: FAILED: {e:#}", run + 1);
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        results.push(Outcome {
+            n,
+            result: failure.map_or_else(|| Ok(medians(&runs)), Err),
+            first_error,
+            first_close,
+        });
+    }
+    drop(db);
+
+    print_report(&args, &results);
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|o| o.result.is_err())
+        .map(|o| o.n.to_string())
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the run with {} connections failed (see above)",
+        failed.join(" and ")
+    );
+    Ok(())
+}
+
+/// What came of one connection count.
+struct Outcome {
+    n: usize,
+    /// The medians, or why a run failed.
+    result: Result<Figure, String>,
+    /// The first transport error a socket got (and recovered from), if any.
+    first_error: Option<String>,
+    /// The first close the server sent a socket (which reconnected), if any.
+    first_close: Option<String>,
+}
+
+/// One run with `n` sockets, on a server process of its own.
+async fn one_run(
+    binary: &Path,
+    database_url: &str,
+    args: &Args,
+    n: usize,
+    run: usize,
+) -> anyhow::Result<(Figure, Option<String>, Option<String>)> {
+    let mut env = vec![
+        ("DATABASE_URL", database_url.to_owned()),
+        (
+            "RT_WS_MAX_CONNECTIONS",
+            (n + args.ack_sockets + 1000).to_string(),
+        ),
+        ("RT_WS_PUBLISH_RATE", "1000000".to_owned()),
+        ("RT_LOG_FORMAT", "text".to_owned()),
+    ];
+    if let Some(url) = &args.nats_url {
+        env.push(("RT_NATS_URL", url.clone()));
+        env.push((
+            "RT_NATS_PREFIX",
+            format!("bench{}", uuid::Uuid::new_v4().simple()),
+        ));
+    }
+    let binary = binary.to_owned();
+    let mut server = tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await??;
+    let mut sockets = JoinSet::new();
+    let drops = Arc::new(Drops::default());
+    let result = measure(&server, args, n, run, &drops, &mut sockets).await;
+    // Sockets first, so that none sees the server go and reconnects.
+    sockets.shutdown().await;
+    let figure = result.map_err(|e| server.explain(e))?;
+    let take =
+        |m: &std::sync::Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok((figure, take(&drops.first_error), take(&drops.first_close)))
+}
+
+/// The four scenarios, in order, on `n` sockets subscribed to one fresh topic.
+async fn measure(
+    server: &Server,
+    args: &Args,
+    n: usize,
+    run: usize,
+    drops: &Arc<Drops>,
+    sockets: &mut JoinSet<()>,
+) -> anyhow::Result<Figure> {
+    let topic = format!("ws{n}-{run}");
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let ws_url = format!("{}/v1/ws", server.url("").replacen("http://", "ws://", 1));
+    let plan = Arc::new(Plan {
+        url: ws_url.clone(),
+        topic,
+        latency_events,
+        last_seq: latency_events + args.burst,
+    });
+    let deadline = Duration::from_secs(args.timeout);
+
+    // 1. Idle memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.status_kib("VmRSS")? * 1024;
+    let gate = Arc::new(Semaphore::new(args.open_concurrency));
+    let (tx, mut rx) = unbounded_channel();
+    let opening = Instant::now();
+    for id in 0..n {
+        let (plan, gate, drops, tx) = (plan.clone(), gate.clone(), drops.clone(), tx.clone());
+        sockets.spawn(async move {
+            if let Err(e) = follow(&plan, &gate, &drops, &tx).await {
+                let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
+            }
+        });
+    }
+    drop(tx);
+    gather(
+        &mut rx,
+        n,
+        "sockets",
+        deadline,
+        "subscribed",
+        |msg| match msg {
+            Msg::Opened => Ok(()),
+            _ => anyhow::bail!("a socket got an event before any was published"),
+        },
+    )
+    .await?;
+    let open_secs = opening.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    let rss_after = server.status_kib("VmRSS")? * 1024;
+
+    // 2. Latency at a fixed rate.
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let publisher = publisher_client(args.publishers)?;
+    publish_at_rate(&publisher, server, &plan.topic, latency_events, args.rate).await?;
+    let mut hist = Histogram::<u32>::new(2)?;
+    gather(
+        &mut rx,
+        n,
+        "sockets",
+        deadline,
+        "got the last latency event",
+        |msg| match msg {
+            Msg::Latency(h) => Ok(hist.add(&*h)?),
+            _ => anyhow::bail!("unexpected report during the latency scenario"),
+        },
+    )
+    .await?;
+    let delivered = latency_events * n as u64;
+    anyhow::ensure!(
+        hist.len() == delivered,
+        "recorded {} latencies for {delivered} deliveries",
+        hist.len()
+    );
+    let latency_server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let latency_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+
+    // 3. Saturation.
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let started = Instant::now();
+    let publisher = publisher_client(args.publishers)?;
+    publish_burst(
+        &publisher,
+        server,
+        &plan.topic,
+        args.burst,
+        args.batch,
+        args.publishers,
+    )
+    .await?;
+    let mut last_done = started;
+    gather(
+        &mut rx,
+        n,
+        "sockets",
+        deadline,
+        "got the last burst event",
+        |msg| match msg {
+            Msg::Done(at) => {
+                last_done = last_done.max(at);
+                Ok(())
+            }
+            _ => anyhow::bail!("unexpected report during the burst"),
+        },
+    )
+    .await?;
+    let burst_secs = last_done.duration_since(started).as_secs_f64();
+    let server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+
+    // 4. Publish → ack over the WebSocket, on a topic of its own.
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let (acks, ack_secs) = publish_over_sockets(&ws_url, &format!("{}-acks", plan.topic), args)
+        .await
+        .context("publish -> ack")?;
+    let ack_server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let ack_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    // A subscribed socket that failed after its last event (an unexpected
+    // frame, a reconnect that did not work) fails the run too.
+    while let Ok(msg) = rx.try_recv() {
+        if let Msg::Failed(e) = msg {
+            anyhow::bail!("after its last event, {e}");
+        }
+    }
+
+    let ms = |v: u64| v as f64 / 1000.0;
+    Ok(Figure {
+        open_secs,
+        rss_before: rss_before as f64,
+        rss_after: rss_after as f64,
+        bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
+        p50_ms: ms(hist.value_at_quantile(0.5)),
+        p99_ms: ms(hist.value_at_quantile(0.99)),
+        p999_ms: ms(hist.value_at_quantile(0.999)),
+        max_ms: ms(hist.max()),
+        latency_server_cpu_secs,
+        latency_bench_cpu_secs,
+        burst_secs,
+        deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
+        server_cpu_secs,
+        bench_cpu_secs,
+        ack_p50_ms: ms(acks.value_at_quantile(0.5)),
+        ack_p99_ms: ms(acks.value_at_quantile(0.99)),
+        ack_p999_ms: ms(acks.value_at_quantile(0.999)),
+        ack_max_ms: ms(acks.max()),
+        ack_secs,
+        publishes_per_sec: args.acks as f64 / ack_secs,
+        ack_server_cpu_secs,
+        ack_bench_cpu_secs,
+        closed: drops.closed.load(Ordering::Relaxed) as f64,
+        broken: drops.broken.load(Ordering::Relaxed) as f64,
+        peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+    })
+}
+
+/// One subscribed socket: opens and subscribes, then reads events until the
+/// burst's last one, checking that seqs come exactly once and in order,
+/// reconnecting and subscribing with `after` when the server closes it or
+/// the connection breaks. Then it keeps reading (answering the server's
+/// pings) until the run ends, failing on any further frame.
+async fn follow(
+    plan: &Plan,
+    gate: &Semaphore,
+    drops: &Drops,
+    tx: &UnboundedSender<Msg>,
+) -> anyhow::Result<()> {
+    let mut ws = {
+        let _permit = gate.acquire().await?;
+        subscribe(plan, None).await?
+    };
+    if tx.send(Msg::Opened).is_err() {
+        return Ok(());
+    }
+    let mut hist = Histogram::<u32>::new(2)?;
+    let mut last = 0;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Binary(_))) => anyhow::bail!("got a binary frame after seq {last}"),
+            Some(Ok(Message::Close(frame))) => {
+                let why = frame.map_or_else(
+                    || "a close without a code".to_owned(),
+                    |f| format!("{} {}", u16::from(f.code), f.reason),
+                );
+                drops.closed(format!("after seq {last}: {why}"));
+                let _permit = gate.acquire().await?;
+                ws = subscribe(plan, Some(last))
+                    .await
+                    .with_context(|| format!("reconnecting after seq {last}"))?;
+                continue;
+            }
+            Some(Err(e)) => {
+                drops.broken(format!(
+                    "{:#}",
+                    anyhow::Error::new(e).context(format!("after seq {last}"))
+                ));
+                let _permit = gate.acquire().await?;
+                ws = subscribe(plan, Some(last))
+                    .await
+                    .with_context(|| format!("reconnecting after seq {last}"))?;
+                continue;
+            }
+            None => {
+                drops.broken(format!(
+                    "after seq {last}: the socket ended without a close"
+                ));
+                let _permit = gate.acquire().await?;
+                ws = subscribe(plan, Some(last))
+                    .await
+                    .with_context(|| format!("reconnecting after seq {last}"))?;
+                continue;
+            }
+        };
+        let received = now_us();
+        let frame: Frame = serde_json::from_str(&text)
+            .with_context(|| format!("frame {text:?} after seq {last}"))?;
+        anyhow::ensure!(
+            frame.op == "event"
+                && frame.topic == Some(plan.topic.as_str())
+                && frame.event_type == Some("message"),
+            "got {text} after seq {last}"
+        );
+        let seq = frame
+            .seq
+            .with_context(|| format!("an event without a seq after seq {last}: {text}"))?;
+        anyhow::ensure!(
+            seq == last + 1 && seq <= plan.last_seq,
+            "got seq {seq} after seq {last} (expected {}, the last being {})",
+            last + 1,
+            plan.last_seq
+        );
+        last = seq;
+        if seq <= plan.latency_events {
+            let data = frame
+                .data
+                .with_context(|| format!("event {seq} has no data: {text}"))?;
+            let sent: Sent = serde_json::from_str(data.get())
+                .with_context(|| format!("event {seq} data {:?}", data.get()))?;
+            hist.record(received.saturating_sub(sent.sent_us))?;
+            if seq == plan.latency_events {
+                let done = std::mem::replace(&mut hist, Histogram::new(2)?);
+                if tx.send(Msg::Latency(Box::new(done))).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if seq == plan.last_seq && tx.send(Msg::Done(Instant::now())).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Connects to `url` without Nagle's delay (frames are small and each is
+/// waited for).
+async fn connect(url: &str, config: WebSocketConfig) -> anyhow::Result<Socket> {
+    let connected = tokio::time::timeout(
+        OPEN_WAIT,
+        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no WebSocket handshake within {} s", OPEN_WAIT.as_secs()))?;
+    match connected {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(res)) => {
+            let body = res
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            anyhow::bail!(
+                "the WebSocket handshake was answered {}: {body}",
+                res.status()
+            )
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("WebSocket connect")),
+    }
+}
+
+/// Opens a socket to the plan's server and subscribes it to the topic (after
+/// `after`, or from now on), waiting for the subscription's ack, which must
+/// name `after` (0, the topic being fresh, when none is given).
+async fn subscribe(plan: &Plan, after: Option<u64>) -> anyhow::Result<Socket> {
+    // Reads come in small frames; the default 128 KiB read buffer, allocated
+    // up front, would cost the bench over a GiB at 10,000 sockets.
+    let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+    let mut ws = connect(&plan.url, config).await?;
+    let mut frame = json!({"op": "subscribe", "topic": plan.topic, "ref": SUBSCRIBE_REF});
+    if let Some(after) = after {
+        frame["after"] = after.into();
+    }
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .context("sending the subscribe frame")?;
+    let text = next_text(&mut ws, OPEN_WAIT)
+        .await
+        .context("waiting for the subscription ack")?;
+    let ack: Frame =
+        serde_json::from_str(&text).with_context(|| format!("subscription answer {text:?}"))?;
+    let expected = after.unwrap_or(0);
+    anyhow::ensure!(
+        ack.op == "ack"
+            && ack.reference == Some(SUBSCRIBE_REF)
+            && ack.topic == Some(plan.topic.as_str()),
+        "the subscription was answered with {text}"
+    );
+    anyhow::ensure!(
+        ack.after == Some(expected),
+        "the subscription ack should start after {expected}: {text}"
+    );
+    Ok(ws)
+}
+
+/// The next text frame, pings and pongs skipped; a close, a binary frame, an
+/// error or nothing within `within` is an error.
+async fn next_text(ws: &mut Socket, within: Duration) -> anyhow::Result<tungstenite::Utf8Bytes> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let next = tokio::time::timeout_at(until, ws.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("nothing within {} s", within.as_secs()))?;
+        match next {
+            Some(Ok(Message::Text(text))) => return Ok(text),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Binary(_))) => anyhow::bail!("got a binary frame"),
+            Some(Ok(Message::Close(frame))) => {
+                anyhow::bail!("the server closed the socket: {frame:?}")
+            }
+            Some(Err(e)) => return Err(anyhow::Error::new(e).context("reading the socket")),
+            None => anyhow::bail!("the socket ended"),
+        }
+    }
+}
+
+/// Scenario 4: `--ack-sockets` sockets (connected before the clock starts)
+/// share `--acks` publishes to `topic`, each with up to `--ack-window`
+/// waiting for their ack. Returns the send → ack latencies (µs) and the time
+/// from the first publish to the last ack, and checks that the acks' seqs
+/// are 1..=acks, each once, increasing on every socket.
+async fn publish_over_sockets(
+    url: &str,
+    topic: &str,
+    args: &Args,
+) -> anyhow::Result<(Histogram<u32>, f64)> {
+    let mut sockets = Vec::with_capacity(args.ack_sockets);
+    for _ in 0..args.ack_sockets {
+        sockets.push(connect(url, WebSocketConfig::default()).await?);
+    }
+    let deadline = Duration::from_secs(args.timeout);
+    let k = args.ack_sockets as u64;
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        let quota = args.acks / k + u64::from((i as u64) < args.acks % k);
+        let (topic, window) = (topic.to_owned(), args.ack_window);
+        tasks.spawn(async move {
+            publish_and_wait(ws, &topic, i, quota, window, deadline)
+                .await
+                .with_context(|| format!("publishing socket {i}"))
+        });
+    }
+    let mut hist = Histogram::<u32>::new(2)?;
+    let mut seqs = Vec::with_capacity(args.acks as usize);
+    while let Some(done) = tasks.join_next().await {
+        let (h, s) = done??;
+        hist.add(&h)?;
+        seqs.extend(s);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    seqs.sort_unstable();
+    anyhow::ensure!(
+        seqs.iter().copied().eq(1..=args.acks),
+        "the {} acks do not carry the seqs 1 to {}, each once (first {:?}, last {:?})",
+        seqs.len(),
+        args.acks,
+        seqs.first(),
+        seqs.last()
+    );
+    Ok((hist, secs))
+}
+
+/// One publishing socket: sends `quota` publishes (ref `"{socket}-{i}"`),
+/// at most `window` waiting for their ack, and reads the acks, which come in
+/// the order the publishes were sent.
+async fn publish_and_wait(
+    mut ws: Socket,
+    topic: &str,
+    socket: usize,
+    quota: u64,
+    window: usize,
+    deadline: Duration,
+) -> anyhow::Result<(Histogram<u32>, Vec<u64>)> {
+    let mut hist = Histogram::<u32>::new(2)?;
+    let mut seqs = Vec::with_capacity(quota as usize);
+    let mut waiting: VecDeque<(String, Instant)> = VecDeque::with_capacity(window);
+    let mut sent = 0;
+    while (seqs.len() as u64) < quota {
+        while waiting.len() < window && sent < quota {
+            let reference = format!("{socket}-{sent}");
+            let frame = json!({
+                "op": "publish", "topic": topic, "ref": reference,
+                "data": {"n": sent, "sent_us": now_us()},
+            });
+            waiting.push_back((reference, Instant::now()));
+            ws.send(Message::Text(frame.to_string().into()))
+                .await
+                .with_context(|| format!("sending publish {sent}"))?;
+            sent += 1;
+        }
+        let text = next_text(&mut ws, deadline)
+            .await
+            .with_context(|| format!("waiting for an ack after {} acks", seqs.len()))?;
+        let acked = Instant::now();
+        let (reference, at) = waiting
+            .pop_front()
+            .with_context(|| format!("got {text} with no publish waiting"))?;
+        let ack: Frame =
+            serde_json::from_str(&text).with_context(|| format!("publish answer {text:?}"))?;
+        anyhow::ensure!(
+            ack.op == "ack"
+                && ack.reference == Some(reference.as_str())
+                && ack.topic == Some(topic),
+            "publish {reference} was answered with {text}"
+        );
+        let seq = ack
+            .seq
+            .with_context(|| format!("the ack of publish {reference} has no seq: {text}"))?;
+        anyhow::ensure!(
+            seqs.last().is_none_or(|&prev| seq > prev),
+            "publish {reference} got seq {seq}, after {:?} for the one before",
+            seqs.last()
+        );
+        hist.record(acked.duration_since(at).as_micros() as u64)?;
+        seqs.push(seq);
+    }
+    Ok((hist, seqs))
+}
+
+/// The median of every figure, each taken on its own over the runs.
+fn medians(runs: &[Figure]) -> Figure {
+    let median = |get: fn(&Figure) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(get).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Figure {
+        open_secs: median(|f| f.open_secs),
+        rss_before: median(|f| f.rss_before),
+        rss_after: median(|f| f.rss_after),
+        bytes_per_conn: median(|f| f.bytes_per_conn),
+        p50_ms: median(|f| f.p50_ms),
+        p99_ms: median(|f| f.p99_ms),
+        p999_ms: median(|f| f.p999_ms),
+        max_ms: median(|f| f.max_ms),
+        latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
+        latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
+        burst_secs: median(|f| f.burst_secs),
+        deliveries_per_sec: median(|f| f.deliveries_per_sec),
+        server_cpu_secs: median(|f| f.server_cpu_secs),
+        bench_cpu_secs: median(|f| f.bench_cpu_secs),
+        ack_p50_ms: median(|f| f.ack_p50_ms),
+        ack_p99_ms: median(|f| f.ack_p99_ms),
+        ack_p999_ms: median(|f| f.ack_p999_ms),
+        ack_max_ms: median(|f| f.ack_max_ms),
+        ack_secs: median(|f| f.ack_secs),
+        publishes_per_sec: median(|f| f.publishes_per_sec),
+        ack_server_cpu_secs: median(|f| f.ack_server_cpu_secs),
+        ack_bench_cpu_secs: median(|f| f.ack_bench_cpu_secs),
+        closed: median(|f| f.closed),
+        broken: median(|f| f.broken),
+        peak_rss: median(|f| f.peak_rss),
+    }
+}
+
+fn print_report(args: &Args, results: &[Outcome]) {
+    let bus = if args.nats_url.is_some() {
+        "nats"
+    } else {
+        "in-process"
+    };
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let mib = |v: f64| v / (1024.0 * 1024.0);
+    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    println!(
+        "\nWebSockets, all subscribed to one topic, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
+        args.runs.max(1)
+    );
+    // One table per scenario, a row per connection count.
+    let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
+        println!("\n{title}\n{head}");
+        for o in results {
+            match &o.result {
+                Ok(f) => println!("{:<12} {}", o.n, row(f)),
+                Err(_) => println!("{:<12} failed", o.n),
+            }
+        }
+    };
+
+    table(
+        format!(
+            "idle memory (server VmRSS, {} ms after the last subscription ack)",
+            args.settle_ms
+        ),
+        format!(
+            "{:<12} {:>8} {:>15} {:>14} {:>14}",
+            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
+                f.open_secs,
+                mib(f.rss_before),
+                mib(f.rss_after),
+                f.bytes_per_conn / 1024.0
+            )
+        },
+    );
+    table(
+        format!(
+            "latency: {latency_events} events at {}/s over HTTP, publish sent -> event frame parsed by the client",
+            args.rate
+        ),
+        format!(
+            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
+            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
+                f.p50_ms,
+                f.p99_ms,
+                f.p999_ms,
+                f.max_ms,
+                f.latency_server_cpu_secs,
+                f.latency_bench_cpu_secs
+            )
+        },
+    );
+    table(
+        format!(
+            "saturation: burst of {} events in HTTP batch requests of {}, {} in flight; \
+             reconnects over the whole run",
+            args.burst, args.batch, args.publishers
+        ),
+        format!(
+            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}",
+            "connections",
+            "deliveries/s",
+            "secs",
+            "server CPU s",
+            "bench CPU s",
+            "peak RSS MiB",
+            "closed+resumed",
+            "broke+resumed"
+        ),
+        &|f| {
+            format!(
+                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>14.0} {:>13.0}",
+                f.deliveries_per_sec,
+                f.burst_secs,
+                f.server_cpu_secs,
+                f.bench_cpu_secs,
+                mib(f.peak_rss),
+                f.closed,
+                f.broken
+            )
+        },
+    );
+    table(
+        format!(
+            "publish -> ack over the WebSocket: {} publishes on {} socket(s), {} waiting at most per socket, \
+             on a topic of their own while the subscribed sockets idle",
+            args.acks, args.ack_sockets, args.ack_window
+        ),
+        format!(
+            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>12} {:>13} {:>12}",
+            "connections",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "max ms",
+            "publishes/s",
+            "server CPU s",
+            "bench CPU s"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>12.0} {:>13.2} {:>12.2}",
+                f.ack_p50_ms,
+                f.ack_p99_ms,
+                f.ack_p999_ms,
+                f.ack_max_ms,
+                f.publishes_per_sec,
+                f.ack_server_cpu_secs,
+                f.ack_bench_cpu_secs
+            )
+        },
+    );
+    for o in results {
+        if let Some(e) = &o.first_close {
+            println!(
+                "\n{} connections: the server closed sockets, which resumed; the first close: {e}",
+                o.n
+            );
+        }
+        if let Some(e) = &o.first_error {
+            println!(
+                "\n{} connections: sockets broke and resumed; the first error: {e}",
+                o.n
+            );
+        }
+        if let Err(e) = &o.result {
+            println!("\n{} connections FAILED: {e}", o.n);
+        }
+    }
+
+    for o in results {
+        let n = o.n;
+        let common = json!({
+            "connections": n, "bus": bus, "runs": args.runs.max(1),
+        });
+        let lines = match &o.result {
+            Ok(f) => vec![
+                json!({
+                    "scenario": "ws", "name": format!("idle memory, {n} connections"),
+                    "open_secs": r3(f.open_secs),
+                    "rss_before_bytes": f.rss_before.round() as u64,
+                    "rss_after_bytes": f.rss_after.round() as u64,
+                    "bytes_per_connection": f.bytes_per_conn.round() as i64,
+                    "settle_ms": args.settle_ms,
+                }),
+                json!({
+                    "scenario": "ws", "name": format!("latency, {n} connections"),
+                    "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
+                    "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
+                    "server_cpu_secs": r3(f.latency_server_cpu_secs),
+                    "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
+                }),
+                json!({
+                    "scenario": "ws", "name": format!("saturation, {n} connections"),
+                    "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
+                    "secs": r3(f.burst_secs),
+                    "server_cpu_secs": r3(f.server_cpu_secs), "bench_cpu_secs": r3(f.bench_cpu_secs),
+                    "peak_rss_bytes": f.peak_rss.round() as u64,
+                    "sockets_closed_and_resumed": f.closed.round() as u64,
+                    "sockets_broken_and_resumed": f.broken.round() as u64,
+                    "first_close": o.first_close,
+                    "first_transport_error": o.first_error,
+                    "burst": args.burst, "batch": args.batch, "publishers": args.publishers,
+                }),
+                json!({
+                    "scenario": "ws", "name": format!("publish ack, {n} connections"),
+                    "p50_ms": r3(f.ack_p50_ms), "p99_ms": r3(f.ack_p99_ms),
+                    "p999_ms": r3(f.ack_p999_ms), "max_ms": r3(f.ack_max_ms),
+                    "publishes_per_sec": f.publishes_per_sec.round() as u64,
+                    "secs": r3(f.ack_secs),
+                    "server_cpu_secs": r3(f.ack_server_cpu_secs),
+                    "bench_cpu_secs": r3(f.ack_bench_cpu_secs),
+                    "acks": args.acks, "sockets": args.ack_sockets, "window": args.ack_window,
+                }),
+            ],
+            Err(e) => vec![json!({
+                "scenario": "ws", "name": format!("{n} connections"), "error": e,
+            })],
+        };
+        for mut line in lines {
+            if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
+                line.extend(common.clone());
+            }
+            println!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_and_ack_frames_are_read() {
+        let event: Frame = serde_json::from_str(
+            r#"{"op":"event","topic":"t","seq":3,"type":"message","data":{"sent_us":7,"n":1},"time":"2026-11-28T00:00:00Z"}"#,
+        )
+        .expect("an event frame");
+        assert_eq!(
+            (event.op, event.topic, event.seq),
+            ("event", Some("t"), Some(3))
+        );
+        let sent: Sent = serde_json::from_str(event.data.expect("data").get()).expect("sent_us");
+        assert_eq!(sent.sent_us, 7);
+
+        let ack: Frame = serde_json::from_str(r#"{"op":"ack","ref":"s","topic":"t","after":0}"#)
+            .expect("an ack frame");
+        assert_eq!(
+            (ack.reference, ack.after, ack.seq),
+            (Some("s"), Some(0), None)
+        );
+    }
+}
