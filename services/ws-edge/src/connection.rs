@@ -200,7 +200,8 @@ async fn forward(mut follower: Follower, out: mpsc::Sender<Out>, too_slow: Arc<N
                     "the live feed of {} stopped ({e}); subscribe again with after",
                     follower.topic()
                 );
-                let _ = out.try_send(Out::Text(frames::error(None, "feed_unavailable", &message)));
+                let frame = frames::feed_stopped(follower.topic(), &message);
+                let _ = out.try_send(Out::Text(frame));
                 return;
             }
         }

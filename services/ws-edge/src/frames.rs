@@ -68,6 +68,25 @@ pub(crate) fn error(reference: Option<&str>, code: &str, message: &str) -> ByteS
 }
 
 #[derive(Serialize)]
+struct FeedErrorFrame<'a> {
+    op: &'static str,
+    code: &'static str,
+    topic: &'a Topic,
+    message: &'a str,
+}
+
+/// A subscription's live feed stopped: `{"op":"error","code":"feed_unavailable","topic",...}`,
+/// so the client knows which topic to subscribe to again.
+pub(crate) fn feed_stopped(topic: &Topic, message: &str) -> ByteString {
+    text(FeedErrorFrame {
+        op: "error",
+        code: "feed_unavailable",
+        topic,
+        message,
+    })
+}
+
+#[derive(Serialize)]
 struct PublishAck<'a> {
     op: &'static str,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
@@ -179,6 +198,15 @@ mod tests {
         assert_eq!(
             &*error(None, "bad", "no"),
             r#"{"op":"error","code":"bad","message":"no"}"#
+        );
+    }
+
+    #[test]
+    fn a_stopped_feed_names_its_topic() {
+        let t = Topic::parse("chat").unwrap();
+        assert_eq!(
+            &*feed_stopped(&t, "gone"),
+            r#"{"op":"error","code":"feed_unavailable","topic":"chat","message":"gone"}"#
         );
     }
 

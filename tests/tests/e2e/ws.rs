@@ -165,11 +165,8 @@ async fn churning_client(
                 // The protocol's answer to a feed that stopped (an overloaded
                 // store): subscribe again from where it was.
                 Some("error") if frame["code"] == "feed_unavailable" => {
-                    let message = frame["message"].as_str().unwrap();
-                    let t = *topics
-                        .iter()
-                        .find(|t| message.contains(&format!("feed of {t} ")))
-                        .unwrap();
+                    let named = frame["topic"].as_str().expect("the frame names the topic");
+                    let t = *topics.iter().find(|t| **t == named).unwrap();
                     let after = got[t].last().copied().unwrap_or(0);
                     send(
                         &mut ws,
