@@ -47,6 +47,8 @@ impl std::fmt::Debug for Auth {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Seconds since the Unix epoch (required and checked by the validation).
+    exp: Option<u64>,
     #[serde(default)]
     subscribe: Vec<String>,
     #[serde(default)]
@@ -57,6 +59,9 @@ struct Claims {
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub subject: Option<String>,
+    /// When the token stops being valid (its `exp` plus the allowed clock
+    /// skew); long-lived connections end then. None: anonymous.
+    pub expires_at: Option<std::time::SystemTime>,
     anonymous: bool,
     subscribe: Vec<String>,
     publish: Vec<String>,
@@ -145,8 +150,13 @@ impl Auth {
             ),
             _ => ApiError::unauthorized("invalid_token", format!("the token is not valid: {e}")),
         })?;
+        let expires_at = data.claims.exp.map(|exp| {
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(exp.saturating_add(validation.leeway))
+        });
         Ok(Principal {
             subject: data.claims.sub,
+            expires_at,
             anonymous: false,
             subscribe: data.claims.subscribe,
             publish: data.claims.publish,
@@ -180,9 +190,24 @@ impl Principal {
     pub fn anonymous() -> Principal {
         Principal {
             subject: None,
+            expires_at: None,
             anonymous: true,
             subscribe: Vec::new(),
             publish: Vec::new(),
+        }
+    }
+
+    /// Completes when the token expires; never for anonymous access.
+    /// Long-lived connections race it to end when their token does.
+    pub async fn expiry(&self) {
+        match self.expires_at {
+            Some(at) => {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
         }
     }
 

@@ -85,7 +85,7 @@ async fn open_stream(
                 .fail_on_lag(),
         );
     }
-    let conn = Conn::new(&ctx, followers, start, pass);
+    let conn = Conn::new(&ctx, followers, start, pass, principal);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -127,6 +127,7 @@ enum Closing {
     Shutdown,
     TooSlow,
     Unavailable,
+    TokenExpired,
 }
 
 impl Closing {
@@ -135,6 +136,7 @@ impl Closing {
             Closing::Shutdown => "shutdown",
             Closing::TooSlow => "too_slow",
             Closing::Unavailable => "unavailable",
+            Closing::TokenExpired => "token_expired",
         }
     }
 
@@ -147,6 +149,7 @@ impl Closing {
             ),
             Closing::TooSlow => ": closing: too slow: the client fell too far behind; reconnect with Last-Event-ID to resume from the log\n\n".to_owned(),
             Closing::Unavailable => ": closing: the event log is unavailable; reconnect with Last-Event-ID later\n\n".to_owned(),
+            Closing::TokenExpired => ": closing: the token expired; reconnect with a fresh token and Last-Event-ID\n\n".to_owned(),
         })
     }
 }
@@ -174,6 +177,7 @@ enum Woke {
     Delivery(Result<Delivery, HubError>),
     Heartbeat,
     Shutdown,
+    TokenExpired,
 }
 
 /// One SSE connection: its followers, position and timers.
@@ -185,11 +189,18 @@ struct Conn {
     metrics: Arc<Metrics>,
     retry: Duration,
     phase: Phase,
+    principal: Principal,
     _pass: Pass,
 }
 
 impl Conn {
-    fn new(ctx: &Context, followers: Vec<Follower>, start: Position, pass: Pass) -> Conn {
+    fn new(
+        ctx: &Context,
+        followers: Vec<Follower>,
+        start: Position,
+        pass: Pass,
+        principal: Principal,
+    ) -> Conn {
         // Every topic appears in the id, at 0 when the client had no position.
         let position = followers
             .iter()
@@ -207,6 +218,7 @@ impl Conn {
             metrics: ctx.metrics.clone(),
             retry: ctx.settings.sse_retry,
             phase: Phase::Opening,
+            principal,
             _pass: pass,
         }
     }
@@ -244,6 +256,13 @@ impl Conn {
             if self.shutdown.is_started() {
                 return Err(Closing::Shutdown);
             }
+            if self
+                .principal
+                .expires_at
+                .is_some_and(|at| at <= std::time::SystemTime::now())
+            {
+                return Err(Closing::TokenExpired);
+            }
             // Topics take turns, so one busy topic cannot starve the others.
             let mut progressed = true;
             while progressed && events < CHUNK_EVENTS && buf.len() < CHUNK_BYTES {
@@ -278,6 +297,7 @@ impl Conn {
                     (first, _, _) = futures_util::future::select_all(waits) => Woke::Delivery(first),
                     _ = self.heartbeat.tick() => Woke::Heartbeat,
                     () = self.shutdown.started() => Woke::Shutdown,
+                    () = self.principal.expiry() => Woke::TokenExpired,
                 }
             };
             match woke {
@@ -287,6 +307,7 @@ impl Conn {
                 }
                 Woke::Heartbeat => return Ok(Bytes::from_static(b": heartbeat\n\n")),
                 Woke::Shutdown => return Err(Closing::Shutdown),
+                Woke::TokenExpired => return Err(Closing::TokenExpired),
             }
         }
     }

@@ -231,6 +231,12 @@ impl Conn {
                         Some("shutdown"),
                     ));
                 }
+                () = self.principal.expiry() => {
+                    return Some((
+                        reason(CloseCode::Policy, "token expired: reconnect with a fresh token and subscribe with after"),
+                        Some("token_expired"),
+                    ));
+                }
                 () = too_slow.notified() => {
                     return Some((
                         reason(CloseCode::Policy, "too slow: frames piled up; reconnect and subscribe with after"),

@@ -568,3 +568,46 @@ async fn a_client_that_falls_behind_is_told_it_was_too_slow() {
         .get();
     assert_eq!(closed, 1);
 }
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires() {
+    const SECRET: &str = "a-test-secret-of-32-bytes-length";
+    let app = TestApp::spawn(Engines::Embedded, |s| s.jwt_secret = Some(SECRET.into())).await;
+    // Valid for one more second, plus the 5 s of clock skew tokens are allowed.
+    let exp = chrono::Utc::now().timestamp() + 1;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "r", "exp": exp, "subscribe": [">"]}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let res = app
+        .http
+        .get(app.url(&format!("/v1/sse?topic=t&access_token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let started = std::time::Instant::now();
+    let mut body = res.bytes_stream();
+    let mut text = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ended; got {text:?}");
+    assert!(text.contains(": closing: the token expired"), "{text:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "not before the token's end"
+    );
+    let closed = app
+        .ctx
+        .metrics
+        .streams_closed
+        .with_label_values(&["sse", "token_expired"])
+        .get();
+    assert_eq!(closed, 1);
+}

@@ -700,3 +700,26 @@ async fn browser_upgrades_are_checked_against_the_allowed_origins() {
         json!({"op": "ack", "ref": "p", "topic": "n", "seq": 1})
     );
 }
+
+#[tokio::test]
+async fn a_socket_closes_when_its_token_expires() {
+    const SECRET: &str = "a-test-secret-of-32-bytes-length";
+    let app = TestApp::spawn(Engines::Embedded, |s| s.jwt_secret = Some(SECRET.into())).await;
+    let exp = chrono::Utc::now().timestamp() + 1;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "w", "exp": exp, "subscribe": [">"]}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let url = format!(
+        "{}/v1/ws?access_token={token}",
+        app.base.replacen("http://", "ws://", 1)
+    );
+    let mut ws = connect_request(url.into_client_request().unwrap())
+        .await
+        .unwrap();
+    subscribe(&mut ws, "t", None, "s").await;
+    let reason = expect_close(&mut ws, CloseCode::Policy).await;
+    assert!(reason.contains("token expired"), "{reason}");
+}
