@@ -20,9 +20,15 @@
 //! memory per idle socket, publish → event latency at a fixed rate (checked
 //! exactly once and in order), deliveries per second under a burst, and the
 //! latency from a publish sent over a WebSocket to its ack.
+//!
+//! `rt-bench raw` measures the raw ceiling the same way: a minimal tokio
+//! server (`rt-bench raw-server`, in a process of its own) writing the same
+//! pre-encoded SSE-shaped frame to 1,000 and 10,000 loopback sockets, with no
+//! protocol logic, so that the edges' figures can be given as a ratio of it.
 
 mod poll;
 mod publish;
+mod raw;
 mod server;
 mod sse;
 mod ws;
@@ -51,6 +57,12 @@ enum Scenario {
     /// WebSocket memory per socket, latency, saturation and publish acks,
     /// server in its own process.
     Ws(ws::Args),
+    /// The raw ceiling: a minimal server writing one pre-encoded frame to N
+    /// sockets, measured like `sse`, server in its own process.
+    Raw(raw::Args),
+    /// The raw ceiling's server (started by `raw`).
+    #[command(hide = true)]
+    RawServer(raw::ServerArgs),
 }
 
 #[tokio::main]
@@ -60,5 +72,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Poll(args) => poll::run(args).await,
         Scenario::Sse(args) => sse::run(args).await,
         Scenario::Ws(args) => ws::run(args).await,
+        Scenario::Raw(args) => raw::run(args).await,
+        Scenario::RawServer(args) => raw::serve(args).await,
     }
 }

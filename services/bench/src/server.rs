@@ -252,7 +252,17 @@ impl Server {
     /// Starts `binary` on a free loopback port with `env` and waits until it
     /// logs the address it listens on. Blocks.
     pub(crate) fn start(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Server> {
+        Server::start_with_args(binary, &[], env)
+    }
+
+    /// [`Server::start`], passing `args` to `binary`.
+    pub(crate) fn start_with_args(
+        binary: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Server> {
         let mut child = Command::new(binary)
+            .args(args)
             .env("RT_BIND", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -1,0 +1,795 @@
+//! The raw ceiling: what a minimal tokio server gets out of this machine
+//! writing the same pre-encoded SSE-shaped frame to N loopback sockets, with
+//! no protocol logic, so that the edges' figures can be given as a ratio of it.
+//!
+//! The ceiling server is `rt-bench raw-server` (hidden), run by `rt-bench raw`
+//! as a process of its own so that its memory and CPU are measured apart from
+//! the bench's. It listens on a free loopback port and serves two requests:
+//!
+//! - `GET /stream`: answers `200` with `text/event-stream` and then writes
+//!   every frame broadcast after it, one tokio task per socket fed by a
+//!   `tokio::sync::broadcast` of `Bytes` (the frames that are ready when the
+//!   task wakes, at most `--coalesce`, go out in one write);
+//! - `POST /rate?frames=F&per_sec=R` and `POST /burst?frames=F`: broadcasts F
+//!   frames, R per second or as fast as it can, then answers `204`.
+//!
+//! A frame is encoded once and its bytes go to every socket:
+//! `id: raw:<seq>\nevent: message\ndata: {...}\n\n`, with the data shaped and
+//! sized like the edge's (`topic`, `seq`, `type`, `data.sent_us`, `time`). A
+//! socket that falls more than `--queue` frames behind is closed.
+//!
+//! The bench measures what `rt-bench sse` does, with the same defaults: idle
+//! memory per socket, latency at a fixed rate (send time stamped in the frame
+//! → frame parsed by the client, every seq exactly once and in order), and
+//! deliveries per second under a burst.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Mutex, Semaphore, broadcast,
+        mpsc::{UnboundedSender, unbounded_channel},
+    },
+    task::JoinSet,
+};
+
+use crate::server::{Msg, Server, cpu_secs, gather, now_us, open_files_limit, publisher_client};
+
+/// The response head of a stream.
+const STREAM_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Socket counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    connections: Vec<usize>,
+    /// Sockets being opened at once.
+    #[arg(long, default_value_t = 200)]
+    open_concurrency: usize,
+    /// Pause between the last socket opening and the second memory reading,
+    /// in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// Frames per second in the latency scenario.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Seconds of sending in the latency scenario.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Frames in the saturation burst.
+    #[arg(long, default_value_t = 2000)]
+    burst: u64,
+    /// The server's broadcast queue, in frames: a socket further behind is
+    /// closed (and the run fails).
+    #[arg(long, default_value_t = 4096)]
+    queue: usize,
+    /// Most frames a socket task writes at once (1: one write per frame).
+    #[arg(long, default_value_t = 64)]
+    coalesce: usize,
+    /// Longest wait, in seconds, for all sockets to open, or to get the last
+    /// frame of a scenario after its last send.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Runs per connection count; the median of each figure is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The ceiling server's arguments (`rt-bench raw-server`).
+#[derive(clap::Args)]
+pub(crate) struct ServerArgs {
+    /// Broadcast queue, in frames.
+    #[arg(long, default_value_t = 4096)]
+    queue: usize,
+    /// Most frames a socket task writes at once.
+    #[arg(long, default_value_t = 64)]
+    coalesce: usize,
+}
+
+/// One run's figures (or, in the report, the median of each over the runs).
+#[derive(Clone, Copy)]
+struct Figure {
+    open_secs: f64,
+    rss_before: f64,
+    rss_after: f64,
+    bytes_per_conn: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    latency_server_cpu_secs: f64,
+    latency_bench_cpu_secs: f64,
+    burst_secs: f64,
+    deliveries_per_sec: f64,
+    server_cpu_secs: f64,
+    bench_cpu_secs: f64,
+    peak_rss: f64,
+}
+
+// ---------------------------------------------------------------- server --
+
+/// The ceiling server: runs until killed.
+pub(crate) async fn serve(args: ServerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.queue > 0 && args.coalesce > 0,
+        "--queue and --coalesce must be at least 1"
+    );
+    let coalesce = args.coalesce;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    let (frames, _) = broadcast::channel::<Bytes>(args.queue);
+    // The next seq; held while frames are sent, so sends never interleave.
+    let next = Arc::new(Mutex::new(1u64));
+    loop {
+        let socket = match listener.accept().await {
+            Ok((socket, _)) => socket,
+            Err(e) => {
+                // Out of descriptors, most likely: say so, and go on.
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (frames, next) = (frames.clone(), next.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(socket, &frames, &next, coalesce).await {
+                eprintln!("connection: {e:#}");
+            }
+        });
+    }
+}
+
+/// One connection: a stream or a send request.
+async fn connection(
+    mut socket: TcpStream,
+    frames: &broadcast::Sender<Bytes>,
+    next: &Mutex<u64>,
+    coalesce: usize,
+) -> anyhow::Result<()> {
+    socket.set_nodelay(true)?;
+    let head = read_head(&mut socket).await?;
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let param = |name: &str| -> anyhow::Result<f64> {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{line}: no {name}"))
+    };
+    match (method, path) {
+        ("GET", "/stream") => {
+            // Subscribed before the head goes out: a client that has the head
+            // gets every frame sent after it.
+            let mut rx = frames.subscribe();
+            socket.write_all(STREAM_HEAD).await?;
+            let mut buf = Vec::new();
+            loop {
+                // Too far behind (or the server is going): close.
+                let Ok(frame) = rx.recv().await else {
+                    return Ok(());
+                };
+                if coalesce == 1 {
+                    socket.write_all(&frame).await?;
+                    continue;
+                }
+                match rx.try_recv() {
+                    Err(broadcast::error::TryRecvError::Empty) => {
+                        socket.write_all(&frame).await?;
+                    }
+                    Ok(second) => {
+                        buf.clear();
+                        buf.extend_from_slice(&frame);
+                        buf.extend_from_slice(&second);
+                        for _ in 2..coalesce {
+                            match rx.try_recv() {
+                                Ok(more) => buf.extend_from_slice(&more),
+                                Err(broadcast::error::TryRecvError::Empty) => break,
+                                Err(_) => return Ok(()),
+                            }
+                        }
+                        socket.write_all(&buf).await?;
+                    }
+                    Err(_) => return Ok(()),
+                }
+            }
+        }
+        ("POST", "/rate" | "/burst") => {
+            let count = param("frames")? as u64;
+            let mut next = next.lock().await;
+            if path == "/rate" {
+                let per_sec = param("per_sec")?;
+                anyhow::ensure!(per_sec > 0.0, "{line}: per_sec must be positive");
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
+                for _ in 0..count {
+                    tick.tick().await;
+                    let _ = frames.send(frame(*next, now_us()));
+                    *next += 1;
+                }
+            } else {
+                for _ in 0..count {
+                    let _ = frames.send(frame(*next, now_us()));
+                    *next += 1;
+                }
+            }
+            drop(next);
+            socket
+                .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                .await?;
+            Ok(())
+        }
+        _ => {
+            socket
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Reads up to the end of a request head (the bytes after it are ignored).
+async fn read_head(socket: &mut TcpStream) -> anyhow::Result<String> {
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        anyhow::ensure!(head.len() < 8192, "request head over 8 KiB");
+        let n = socket.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "connection closed in the request head");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Frame `seq`, stamped with `sent_us`, shaped and sized like the edge's.
+fn frame(seq: u64, sent_us: u64) -> Bytes {
+    Bytes::from(format!(
+        "id: raw:{seq}\nevent: message\ndata: {{\"topic\":\"raw\",\"seq\":{seq},\"type\":\"message\",\
+         \"data\":{{\"sent_us\":{sent_us}}},\"time\":\"2026-11-28T12:00:00.000000Z\"}}\n\n"
+    ))
+}
+
+/// The seq and `sent_us` of one frame (without its blank line).
+fn parse_frame(frame: &[u8]) -> Option<(u64, u64)> {
+    let rest = frame.strip_prefix(b"id: raw:")?;
+    let nl = rest.iter().position(|&b| b == b'\n')?;
+    let seq = parse_u64(&rest[..nl])?;
+    let data = rest[nl + 1..].strip_prefix(b"event: message\ndata: {")?;
+    const KEY: &[u8] = b"\"sent_us\":";
+    let at = data.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    Some((seq, parse_u64(&data[at..at + digits])?))
+}
+
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+// ----------------------------------------------------------------- bench --
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
+        "--connections must list counts of at least 1"
+    );
+    anyhow::ensure!(
+        args.rate > 0.0 && args.seconds > 0.0,
+        "--rate and --seconds must be positive"
+    );
+    anyhow::ensure!(
+        args.burst > 0 && args.open_concurrency > 0 && args.coalesce > 0,
+        "--burst, --open-concurrency and --coalesce must be at least 1"
+    );
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    anyhow::ensure!(
+        args.queue as u64 >= latency_events + args.burst,
+        "--queue ({}) is below the frames of a run ({}): sockets would be closed",
+        args.queue,
+        latency_events + args.burst
+    );
+    let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
+    if let Some(limit) = open_files_limit() {
+        let most = args.connections.iter().max().copied().unwrap_or(0);
+        if limit < most as u64 + 100 {
+            eprintln!(
+                "warning: the open-file limit is {limit}; {most} sockets need about {} descriptors \
+                 in the bench and as many in the server (raise it with `ulimit -n`)",
+                most + 100
+            );
+        }
+    }
+    let mut results = Vec::new();
+    for &n in &args.connections {
+        let mut runs = Vec::new();
+        let mut failure = None;
+        for run in 0..args.runs.max(1) {
+            match one_run(&exe, &args, n).await {
+                Ok(f) => {
+                    if !args.quiet {
+                        eprintln!(
+                            "  {n} connections, run {}: opened in {:.1} s, {:.1} KiB/connection idle; \
+                             latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s",
+                            run + 1,
+                            f.open_secs,
+                            f.bytes_per_conn / 1024.0,
+                            f.p50_ms,
+                            f.p99_ms,
+                            f.max_ms,
+                            f.deliveries_per_sec,
+                        );
+                    }
+                    runs.push(f);
+                }
+                Err(e) => {
+                    eprintln!("  {n} connections, run {}: FAILED: {e:#}", run + 1);
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        results.push((n, failure.map_or_else(|| Ok(medians(&runs)), Err)));
+    }
+    print_report(&args, &results);
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(n, _)| n.to_string())
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the run with {} connections failed (see above)",
+        failed.join(" and ")
+    );
+    Ok(())
+}
+
+/// One run with `n` sockets, on a ceiling server process of its own.
+async fn one_run(exe: &Path, args: &Args, n: usize) -> anyhow::Result<Figure> {
+    let exe = exe.to_owned();
+    let server_args = vec![
+        "raw-server".to_owned(),
+        "--queue".to_owned(),
+        args.queue.to_string(),
+        "--coalesce".to_owned(),
+        args.coalesce.to_string(),
+    ];
+    let mut server =
+        tokio::task::spawn_blocking(move || Server::start_with_args(&exe, &server_args, &[]))
+            .await??;
+    let mut sockets = JoinSet::new();
+    let result = measure(&server, args, n, &mut sockets).await;
+    sockets.shutdown().await;
+    result.map_err(|e| server.explain(e))
+}
+
+/// The three scenarios, in order, on `n` sockets.
+async fn measure(
+    server: &Server,
+    args: &Args,
+    n: usize,
+    sockets: &mut JoinSet<()>,
+) -> anyhow::Result<Figure> {
+    let addr: SocketAddr = server
+        .url("")
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("the server's address {:?}", server.url("")))?;
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let last_seq = latency_events + args.burst;
+    let deadline = Duration::from_secs(args.timeout);
+
+    // 1. Idle memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.status_kib("VmRSS")? * 1024;
+    let gate = Arc::new(Semaphore::new(args.open_concurrency));
+    let (tx, mut rx) = unbounded_channel();
+    let opening = Instant::now();
+    for id in 0..n {
+        let (gate, tx) = (gate.clone(), tx.clone());
+        sockets.spawn(async move {
+            if let Err(e) = follow(addr, latency_events, last_seq, &gate, &tx).await {
+                let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
+            }
+        });
+    }
+    drop(tx);
+    gather(&mut rx, n, "sockets", deadline, "opened", |msg| match msg {
+        Msg::Opened => Ok(()),
+        _ => anyhow::bail!("a socket got a frame before any was sent"),
+    })
+    .await?;
+    let open_secs = opening.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    let rss_after = server.status_kib("VmRSS")? * 1024;
+
+    // 2. Latency at a fixed rate (the server paces and stamps the frames).
+    let control = publisher_client(1)?;
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let res = control
+        .post(server.url(&format!(
+            "/rate?frames={latency_events}&per_sec={}",
+            args.rate
+        )))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 204, "/rate answered {}", res.status());
+    let mut hist = Histogram::<u32>::new(2)?;
+    gather(
+        &mut rx,
+        n,
+        "sockets",
+        deadline,
+        "got the last latency frame",
+        |msg| match msg {
+            Msg::Latency(h) => Ok(hist.add(&*h)?),
+            _ => anyhow::bail!("unexpected report during the latency scenario"),
+        },
+    )
+    .await?;
+    let delivered = latency_events * n as u64;
+    anyhow::ensure!(
+        hist.len() == delivered,
+        "recorded {} latencies for {delivered} deliveries",
+        hist.len()
+    );
+    let latency_server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let latency_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+
+    // 3. Saturation.
+    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let started = Instant::now();
+    let res = control
+        .post(server.url(&format!("/burst?frames={}", args.burst)))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 204, "/burst answered {}", res.status());
+    let mut last_done = started;
+    gather(
+        &mut rx,
+        n,
+        "sockets",
+        deadline,
+        "got the last burst frame",
+        |msg| match msg {
+            Msg::Done(at) => {
+                last_done = last_done.max(at);
+                Ok(())
+            }
+            _ => anyhow::bail!("unexpected report during the burst"),
+        },
+    )
+    .await?;
+    let burst_secs = last_done.duration_since(started).as_secs_f64();
+    let server_cpu_secs = server.cpu_secs()? - server_cpu;
+    let bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+
+    let ms = |v: u64| v as f64 / 1000.0;
+    Ok(Figure {
+        open_secs,
+        rss_before: rss_before as f64,
+        rss_after: rss_after as f64,
+        bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
+        p50_ms: ms(hist.value_at_quantile(0.5)),
+        p99_ms: ms(hist.value_at_quantile(0.99)),
+        p999_ms: ms(hist.value_at_quantile(0.999)),
+        max_ms: ms(hist.max()),
+        latency_server_cpu_secs,
+        latency_bench_cpu_secs,
+        burst_secs,
+        deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
+        server_cpu_secs,
+        bench_cpu_secs,
+        peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+    })
+}
+
+/// One socket: opens a stream, then reads frames until `last_seq`, checking
+/// that seqs come exactly once and in order. A closed or broken connection
+/// fails the run (the ceiling server never closes one within its queue).
+async fn follow(
+    addr: SocketAddr,
+    latency_events: u64,
+    last_seq: u64,
+    gate: &Semaphore,
+    tx: &UnboundedSender<Msg>,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut socket, mut filled) = {
+        let _permit = gate.acquire().await?;
+        open(addr, &mut buf).await?
+    };
+    if tx.send(Msg::Opened).is_err() {
+        return Ok(());
+    }
+    let mut hist = Histogram::<u32>::new(2)?;
+    let mut last = 0;
+    // Frames of buf[..filled] end at a blank line; `scan` is where to look
+    // for the next one.
+    let mut scan = 0;
+    while last < last_seq {
+        let mut start = 0;
+        loop {
+            let from = scan.max(start);
+            let Some(end) = buf[from..filled.max(from)]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|at| at + from)
+            else {
+                break;
+            };
+            let frame = &buf[start..end];
+            let (seq, sent_us) = parse_frame(frame).with_context(|| {
+                format!(
+                    "after seq {last}, not a frame: {:?}",
+                    String::from_utf8_lossy(frame)
+                )
+            })?;
+            anyhow::ensure!(
+                seq == last + 1,
+                "got seq {seq} after seq {last} (expected {})",
+                last + 1
+            );
+            last = seq;
+            if seq <= latency_events {
+                hist.record(now_us().saturating_sub(sent_us))?;
+                if seq == latency_events {
+                    let done = std::mem::replace(&mut hist, Histogram::new(2)?);
+                    if tx.send(Msg::Latency(Box::new(done))).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            start = end + 2;
+            scan = start;
+        }
+        // Keep the partial frame, at the front.
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        scan = filled.saturating_sub(1);
+        if last == last_seq {
+            break;
+        }
+        anyhow::ensure!(
+            filled < buf.len(),
+            "after seq {last}, a frame longer than {} bytes",
+            buf.len()
+        );
+        let read = socket
+            .read(&mut buf[filled..])
+            .await
+            .with_context(|| format!("reading after seq {last}"))?;
+        anyhow::ensure!(read > 0, "the server closed the socket after seq {last}");
+        filled += read;
+    }
+    anyhow::ensure!(filled == 0, "bytes after the last frame");
+    if tx.send(Msg::Done(Instant::now())).is_ok() {
+        // Stay connected until the run ends.
+        let _socket = socket;
+        std::future::pending::<()>().await;
+    }
+    Ok(())
+}
+
+/// Connects, sends the request and checks the response head; returns the
+/// socket and how many bytes after the head are already in `buf`.
+async fn open(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(TcpStream, usize)> {
+    let mut socket = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .context("connect timed out")?
+        .context("connect")?;
+    socket.set_nodelay(true)?;
+    socket
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n")
+        .await?;
+    let mut filled = 0;
+    let end = loop {
+        if let Some(at) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        anyhow::ensure!(filled < buf.len(), "response head too long");
+        let read = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut buf[filled..]))
+            .await
+            .context("no response head within 30 s")??;
+        anyhow::ensure!(read > 0, "closed before the response head");
+        filled += read;
+    };
+    anyhow::ensure!(
+        buf[..end] == *STREAM_HEAD,
+        "unexpected response head {:?}",
+        String::from_utf8_lossy(&buf[..end])
+    );
+    buf.copy_within(end..filled, 0);
+    Ok((socket, filled - end))
+}
+
+/// The median of every figure, each taken on its own over the runs.
+fn medians(runs: &[Figure]) -> Figure {
+    let median = |get: fn(&Figure) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(get).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Figure {
+        open_secs: median(|f| f.open_secs),
+        rss_before: median(|f| f.rss_before),
+        rss_after: median(|f| f.rss_after),
+        bytes_per_conn: median(|f| f.bytes_per_conn),
+        p50_ms: median(|f| f.p50_ms),
+        p99_ms: median(|f| f.p99_ms),
+        p999_ms: median(|f| f.p999_ms),
+        max_ms: median(|f| f.max_ms),
+        latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
+        latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
+        burst_secs: median(|f| f.burst_secs),
+        deliveries_per_sec: median(|f| f.deliveries_per_sec),
+        server_cpu_secs: median(|f| f.server_cpu_secs),
+        bench_cpu_secs: median(|f| f.bench_cpu_secs),
+        peak_rss: median(|f| f.peak_rss),
+    }
+}
+
+fn print_report(args: &Args, results: &[(usize, Result<Figure, String>)]) {
+    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let mib = |v: f64| v / (1024.0 * 1024.0);
+    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    println!(
+        "\nRaw ceiling: one pre-encoded frame per send to every socket, no protocol logic, \
+         server in its own process, median of {} runs (each figure on its own)",
+        args.runs.max(1)
+    );
+    let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
+        println!("\n{title}\n{head}");
+        for (n, result) in results {
+            match result {
+                Ok(f) => println!("{n:<12} {}", row(f)),
+                Err(_) => println!("{n:<12} failed"),
+            }
+        }
+    };
+    table(
+        format!(
+            "idle memory (server VmRSS, {} ms after the last socket opened)",
+            args.settle_ms
+        ),
+        format!(
+            "{:<12} {:>8} {:>15} {:>14} {:>14}",
+            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
+                f.open_secs,
+                mib(f.rss_before),
+                mib(f.rss_after),
+                f.bytes_per_conn / 1024.0
+            )
+        },
+    );
+    table(
+        format!(
+            "latency: {latency_events} frames at {}/s, send stamped by the server -> frame parsed by the client",
+            args.rate
+        ),
+        format!(
+            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
+            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
+        ),
+        &|f| {
+            format!(
+                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
+                f.p50_ms,
+                f.p99_ms,
+                f.p999_ms,
+                f.max_ms,
+                f.latency_server_cpu_secs,
+                f.latency_bench_cpu_secs
+            )
+        },
+    );
+    table(
+        format!(
+            "saturation: burst of {} frames as fast as the server sends them, \
+             at most {} per write",
+            args.burst, args.coalesce
+        ),
+        format!(
+            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13}",
+            "connections", "deliveries/s", "secs", "server CPU s", "bench CPU s", "peak RSS MiB"
+        ),
+        &|f| {
+            format!(
+                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1}",
+                f.deliveries_per_sec,
+                f.burst_secs,
+                f.server_cpu_secs,
+                f.bench_cpu_secs,
+                mib(f.peak_rss)
+            )
+        },
+    );
+    for (n, result) in results {
+        if let Err(e) = result {
+            println!("\n{n} connections FAILED: {e}");
+        }
+    }
+
+    for (n, result) in results {
+        let n = *n;
+        let common = json!({"connections": n, "runs": args.runs.max(1)});
+        let lines = match result {
+            Ok(f) => vec![
+                json!({
+                    "scenario": "raw", "name": format!("idle memory, {n} connections"),
+                    "open_secs": r3(f.open_secs),
+                    "rss_before_bytes": f.rss_before.round() as u64,
+                    "rss_after_bytes": f.rss_after.round() as u64,
+                    "bytes_per_connection": f.bytes_per_conn.round() as i64,
+                    "settle_ms": args.settle_ms,
+                }),
+                json!({
+                    "scenario": "raw", "name": format!("latency, {n} connections"),
+                    "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
+                    "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
+                    "server_cpu_secs": r3(f.latency_server_cpu_secs),
+                    "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
+                }),
+                json!({
+                    "scenario": "raw", "name": format!("saturation, {n} connections"),
+                    "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
+                    "secs": r3(f.burst_secs),
+                    "server_cpu_secs": r3(f.server_cpu_secs), "bench_cpu_secs": r3(f.bench_cpu_secs),
+                    "peak_rss_bytes": f.peak_rss.round() as u64,
+                    "burst": args.burst, "queue": args.queue, "coalesce": args.coalesce,
+                }),
+            ],
+            Err(e) => vec![json!({
+                "scenario": "raw", "name": format!("{n} connections"), "error": e,
+            })],
+        };
+        for mut line in lines {
+            if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
+                line.extend(common.clone());
+            }
+            println!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_parse_back_and_are_edge_sized() {
+        let f = frame(1234, 1_795_000_000_123_456);
+        assert!(f.ends_with(b"\n\n"));
+        assert!((120..200).contains(&f.len()), "{} bytes", f.len());
+        assert_eq!(
+            parse_frame(&f[..f.len() - 2]),
+            Some((1234, 1_795_000_000_123_456))
+        );
+        let data = std::str::from_utf8(&f).unwrap_or_default();
+        let data = data.lines().nth(2).and_then(|l| l.strip_prefix("data: "));
+        let json: serde_json::Value =
+            serde_json::from_str(data.unwrap_or_default()).unwrap_or_default();
+        assert_eq!(json["seq"], 1234);
+        assert_eq!(parse_frame(b"id: raw:x\nevent: message\ndata: {}"), None);
+    }
+}
