@@ -248,6 +248,11 @@ impl Principal {
             )))
         }
     }
+
+    /// [`Principal::require_subscribe`] for each of `topics`.
+    pub fn require_subscribe_all(&self, topics: &[Topic]) -> Result<(), ApiError> {
+        topics.iter().try_for_each(|t| self.require_subscribe(t))
+    }
 }
 
 /// NATS-style match of `pattern` against a topic's `.`-separated tokens.

@@ -105,6 +105,8 @@ impl Context {
             metrics.clone(),
             HubConfig::from_settings(&settings),
         );
+        let sse_gate = Gate::new(settings.sse_max_connections, "streams");
+        let ws_gate = Gate::new(settings.ws_max_connections, "WebSockets");
         Ok(Context {
             settings: Arc::new(settings),
             store,
@@ -114,8 +116,8 @@ impl Context {
             hub,
             metrics,
             shutdown: Shutdown::new(),
-            sse_gate: Arc::default(),
-            ws_gate: Arc::default(),
+            sse_gate,
+            ws_gate,
         })
     }
 }

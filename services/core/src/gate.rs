@@ -5,10 +5,16 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
-/// Open connections of one kind (SSE streams, WebSockets) in this process.
-#[derive(Debug, Default)]
+use crate::ApiError;
+
+/// Open connections of one kind (SSE streams, WebSockets) in this process,
+/// against that kind's maximum.
+#[derive(Debug)]
 pub struct Gate {
     open: AtomicUsize,
+    max: usize,
+    /// What is counted, for the refusal's message ("streams", "WebSockets").
+    what: &'static str,
 }
 
 /// One admitted connection; dropping it frees the place.
@@ -16,14 +22,38 @@ pub struct Gate {
 pub struct Pass(Arc<Gate>);
 
 impl Gate {
-    /// Admits one more connection unless `max` are open.
-    pub fn try_enter(self: &Arc<Self>, max: usize) -> Option<Pass> {
+    pub fn new(max: usize, what: &'static str) -> Arc<Gate> {
+        Arc::new(Gate {
+            open: AtomicUsize::new(0),
+            max,
+            what,
+        })
+    }
+
+    /// Admits one more connection unless the maximum are open.
+    pub fn try_enter(self: &Arc<Self>) -> Option<Pass> {
+        let max = self.max;
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| Pass(self.clone()))
+    }
+
+    /// Like [`Gate::try_enter`], refusing with `503 too_many_connections`
+    /// (and `Retry-After`) when the maximum are open.
+    pub fn enter(self: &Arc<Self>) -> Result<Pass, ApiError> {
+        self.try_enter().ok_or_else(|| {
+            ApiError::unavailable(
+                "too_many_connections",
+                format!(
+                    "this server already holds its maximum of {} {}; retry later",
+                    self.max, self.what
+                ),
+                anyhow::anyhow!("{} limit of {} reached", self.what, self.max),
+            )
+        })
     }
 
     /// Connections open now.
@@ -44,12 +74,13 @@ mod tests {
 
     #[test]
     fn admits_up_to_the_maximum_and_frees_places_on_drop() {
-        let gate = Arc::new(Gate::default());
-        let a = gate.try_enter(2).unwrap();
-        let _b = gate.try_enter(2).unwrap();
-        assert!(gate.try_enter(2).is_none());
+        let gate = Gate::new(2, "streams");
+        let a = gate.try_enter().unwrap();
+        let _b = gate.enter().unwrap();
+        assert!(gate.try_enter().is_none());
+        assert_eq!(gate.enter().unwrap_err().code(), "too_many_connections");
         drop(a);
         assert_eq!(gate.open(), 1);
-        assert!(gate.try_enter(2).is_some());
+        assert!(gate.try_enter().is_some());
     }
 }

@@ -105,9 +105,7 @@ async fn load(ctx: &Context, principal: &Principal, name: &str) -> Result<Cursor
         .cursor(name)
         .await?
         .ok_or_else(|| not_found(name))?;
-    for topic in &cursor.topics {
-        principal.require_subscribe(topic)?;
-    }
+    principal.require_subscribe_all(&cursor.topics)?;
     Ok(cursor)
 }
 
@@ -130,9 +128,7 @@ pub(crate) async fn create(
         }
     }
     check_topic_count(&topics, ctx.settings.max_topics)?;
-    for topic in &topics {
-        principal.require_subscribe(topic)?;
-    }
+    principal.require_subscribe_all(&topics)?;
     let start = match body.from.as_deref() {
         None | Some("earliest") => Position::default(),
         Some("latest") => {
@@ -162,9 +158,7 @@ pub(crate) async fn create(
                 ),
             ));
         }
-        for topic in &cursor.topics {
-            principal.require_subscribe(topic)?;
-        }
+        principal.require_subscribe_all(&cursor.topics)?;
         return Ok(HttpResponse::Ok().json(CursorView::from(&cursor)));
     }
     Ok(HttpResponse::Created().json(CursorView::from(&cursor)))

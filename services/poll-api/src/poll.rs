@@ -114,9 +114,7 @@ pub(crate) async fn poll_topics(
         None => Position::default(),
         Some(v) => query::parse_position(&v, &topics, "invalid_position")?,
     };
-    for topic in &topics {
-        principal.require_subscribe(topic)?;
-    }
+    principal.require_subscribe_all(&topics)?;
     let mut followers = start_followers(&ctx, &topics, &after, params.limit).await?;
     let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = position_of(&followers).to_string();

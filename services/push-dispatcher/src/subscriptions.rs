@@ -171,9 +171,7 @@ pub(crate) async fn register(
         }
     }
     check_topic_count(&topics, ctx.settings.max_topics)?;
-    for topic in &topics {
-        principal.require_subscribe(topic)?;
-    }
+    principal.require_subscribe_all(&topics)?;
     let new = NewPushSubscription {
         subject: principal.subject.clone(),
         endpoint,

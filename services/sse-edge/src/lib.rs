@@ -65,17 +65,8 @@ async fn open_stream(
 ) -> Result<HttpResponse, ApiError> {
     let topics = query::topics(&query, ctx.settings.max_topics)?;
     let start = resume_position(&req, &query, &topics)?;
-    for topic in &topics {
-        principal.require_subscribe(topic)?;
-    }
-    let max = ctx.settings.sse_max_connections;
-    let pass = ctx.sse_gate.try_enter(max).ok_or_else(|| {
-        ApiError::unavailable(
-            "too_many_connections",
-            format!("this server already holds its maximum of {max} streams; retry later"),
-            anyhow::anyhow!("SSE connection limit reached"),
-        )
-    })?;
+    principal.require_subscribe_all(&topics)?;
+    let pass = ctx.sse_gate.enter()?;
     let mut followers = Vec::with_capacity(topics.len());
     for topic in &topics {
         let after = start.get(topic);

@@ -74,14 +74,7 @@ async fn upgrade(
         }
     }
     check_origin(&req, &ctx.settings.cors_origins)?;
-    let max = ctx.settings.ws_max_connections;
-    let pass = ctx.ws_gate.try_enter(max).ok_or_else(|| {
-        ApiError::unavailable(
-            "too_many_connections",
-            format!("this server already holds its maximum of {max} WebSockets; retry later"),
-            anyhow::anyhow!("WebSocket connection limit reached"),
-        )
-    })?;
+    let pass = ctx.ws_gate.enter()?;
     let (response, session, stream) = actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL])
         .map_err(|e| {
         ApiError::bad_request(
