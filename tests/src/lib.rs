@@ -363,6 +363,22 @@ impl Drop for TestApp {
 pub const WS_UPGRADE_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
+/// The HS256 secret tests give services as `--jwt-secret`.
+pub const JWT_SECRET: &str = "a-test-secret-of-32-bytes-length";
+
+/// An HS256 token signed with `secret`: `claims` (`sub`, `subscribe`,
+/// `publish`, ...) plus an `exp` `valid_for` seconds from now (negative:
+/// already expired).
+pub fn jwt(secret: &str, valid_for: i64, mut claims: serde_json::Value) -> String {
+    claims["exp"] = (chrono::Utc::now().timestamp() + valid_for).into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token encodes")
+}
+
 /// The seqs of a poll answer's `events`.
 pub fn seqs(body: &serde_json::Value) -> Vec<u64> {
     body["events"]

@@ -6,17 +6,14 @@ use rt_tests::{Engines, TestApp, error_code};
 use serde_json::{Value, json};
 use sqlx::Row;
 
-const SECRET: &str = "a-test-secret-of-32-bytes-length";
+const SECRET: &str = rt_tests::JWT_SECRET;
 
 fn token(secret: &str, exp_offset: i64, publish: &[&str]) -> String {
-    let exp = chrono::Utc::now().timestamp() + exp_offset;
-    let claims = json!({"sub": "tester", "exp": exp, "publish": publish, "subscribe": ["*"]});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+    rt_tests::jwt(
+        secret,
+        exp_offset,
+        json!({"sub": "tester", "publish": publish, "subscribe": ["*"]}),
     )
-    .unwrap()
 }
 
 #[tokio::test]

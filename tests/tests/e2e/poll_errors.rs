@@ -1,7 +1,6 @@
 //! Bad polling input and tokens without subscribe rights: each a clear 4xx
 //! with a JSON error body.
 
-use jsonwebtoken::{EncodingKey, Header, encode};
 use rt_tests::{Engines, TestApp, error_code};
 use serde_json::json;
 
@@ -115,17 +114,14 @@ async fn bad_poll_input_is_refused_with_a_clear_error() {
     );
 }
 
-const SECRET: &str = "a-test-secret-of-32-bytes-length";
+const SECRET: &str = rt_tests::JWT_SECRET;
 
 fn token(subscribe: &[&str]) -> String {
-    let exp = chrono::Utc::now().timestamp() + 300;
-    let claims = json!({"sub": "reader", "exp": exp, "publish": ["*"], "subscribe": subscribe});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
+    rt_tests::jwt(
+        SECRET,
+        300,
+        json!({"sub": "reader", "publish": ["*"], "subscribe": subscribe}),
     )
-    .unwrap()
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! in the store, or configured) and the push-subscription API.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use jsonwebtoken::{EncodingKey, Header, encode};
 use rt_core::Context;
 use rt_tests::{Engines, TestApp, distributed_settings, error_code};
 use serde_json::{Value, json};
@@ -401,17 +400,10 @@ async fn bad_subscriptions_are_refused_and_store_nothing() {
     assert_eq!(error_code(res).await, (400, "invalid_endpoint".into()));
 }
 
-const SECRET: &str = "a-test-secret-of-32-bytes-length";
+const SECRET: &str = rt_tests::JWT_SECRET;
 
 fn token(subject: &str, subscribe: &[&str]) -> String {
-    let exp = chrono::Utc::now().timestamp() + 300;
-    let claims = json!({"sub": subject, "exp": exp, "subscribe": subscribe});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    rt_tests::jwt(SECRET, 300, json!({"sub": subject, "subscribe": subscribe}))
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use futures_util::StreamExt;
 use rt_core::store::Retention;
 use rt_tests::{
-    Engines, TestApp, error_code,
+    Engines, JWT_SECRET, TestApp, error_code, jwt,
     sse::{SseStream, connect, next_event},
 };
 use serde_json::{Value, json};
@@ -289,15 +289,15 @@ async fn bad_stream_requests_are_refused_before_the_stream_starts() {
 
 #[tokio::test]
 async fn streams_need_a_token_with_subscribe_rights_when_auth_is_on() {
-    const SECRET: &str = "a-test-secret-of-32-bytes-length";
-    let app = TestApp::spawn(Engines::Embedded, |s| s.jwt_secret = Some(SECRET.into())).await;
-    let exp = chrono::Utc::now().timestamp() + 300;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "r", "exp": exp, "subscribe": ["news.>"]}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.jwt_secret = Some(JWT_SECRET.into())
+    })
+    .await;
+    let token = jwt(
+        JWT_SECRET,
+        300,
+        json!({"sub": "r", "subscribe": ["news.>"]}),
+    );
     let res = app
         .http
         .get(app.url("/v1/sse?topic=news.eu"))
@@ -571,16 +571,12 @@ async fn a_client_that_falls_behind_is_told_it_was_too_slow() {
 
 #[tokio::test]
 async fn a_stream_ends_when_its_token_expires() {
-    const SECRET: &str = "a-test-secret-of-32-bytes-length";
-    let app = TestApp::spawn(Engines::Embedded, |s| s.jwt_secret = Some(SECRET.into())).await;
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.jwt_secret = Some(JWT_SECRET.into())
+    })
+    .await;
     // Valid for one more second, plus the 5 s of clock skew tokens are allowed.
-    let exp = chrono::Utc::now().timestamp() + 1;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "r", "exp": exp, "subscribe": [">"]}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = jwt(JWT_SECRET, 1, json!({"sub": "r", "subscribe": [">"]}));
     let res = app
         .http
         .get(app.url(&format!("/v1/sse?topic=t&access_token={token}")))

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use futures_util::{SinkExt, StreamExt};
 use rt_core::{Topic, store::Retention};
 use rt_tests::{
-    Engines, TestApp, WS_UPGRADE_HEADERS,
+    Engines, JWT_SECRET, TestApp, WS_UPGRADE_HEADERS, jwt,
     ws::{Received, Socket, connect, connect_request, recv, recv_json, send},
 };
 use serde_json::{Value, json};
@@ -298,20 +298,17 @@ async fn resuming_from_a_pruned_after_gets_a_reset_frame() {
 
 #[tokio::test]
 async fn bad_frames_get_error_frames_and_the_socket_stays_usable() {
-    const SECRET: &str = "a-test-secret-of-32-bytes-length";
     let app = TestApp::spawn(Engines::Embedded, |s| {
-        s.jwt_secret = Some(SECRET.into());
+        s.jwt_secret = Some(JWT_SECRET.into());
         s.max_topics = 2;
         s.ws_publish_rate = 3;
     })
     .await;
-    let exp = chrono::Utc::now().timestamp() + 300;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "w", "exp": exp, "subscribe": ["ok.>"], "publish": ["ok.mine"]}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = jwt(
+        JWT_SECRET,
+        300,
+        json!({"sub": "w", "subscribe": ["ok.>"], "publish": ["ok.mine"]}),
+    );
     // Without a token the upgrade itself is refused.
     let url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
     match connect_request(url.clone().into_client_request().unwrap()).await {
@@ -703,15 +700,11 @@ async fn browser_upgrades_are_checked_against_the_allowed_origins() {
 
 #[tokio::test]
 async fn a_socket_closes_when_its_token_expires() {
-    const SECRET: &str = "a-test-secret-of-32-bytes-length";
-    let app = TestApp::spawn(Engines::Embedded, |s| s.jwt_secret = Some(SECRET.into())).await;
-    let exp = chrono::Utc::now().timestamp() + 1;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "w", "exp": exp, "subscribe": [">"]}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.jwt_secret = Some(JWT_SECRET.into())
+    })
+    .await;
+    let token = jwt(JWT_SECRET, 1, json!({"sub": "w", "subscribe": [">"]}));
     let url = format!(
         "{}/v1/ws?access_token={token}",
         app.base.replacen("http://", "ws://", 1)
