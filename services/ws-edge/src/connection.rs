@@ -191,10 +191,6 @@ async fn forward(mut follower: Follower, out: mpsc::Sender<Out>, too_slow: Arc<N
                     return;
                 }
             }
-            Err(HubError::Lagged(_)) => {
-                too_slow.notify_one();
-                return;
-            }
             Err(e) => {
                 let message = format!(
                     "the live feed of {} stopped ({e}); subscribe again with after",
