@@ -206,6 +206,52 @@ pub struct Settings {
     #[arg(long, env = "RT_PUSH_ALLOW_INSECURE_ENDPOINTS")]
     pub push_allow_insecure_endpoints: bool,
 
+    /// Web Push messages in flight at once, over every push service.
+    #[arg(long, env = "RT_PUSH_CONCURRENCY", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub push_concurrency: u32,
+
+    /// Web Push messages in flight at once to one push-service host, so one
+    /// slow push service cannot hold up the others.
+    #[arg(long, env = "RT_PUSH_HOST_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub push_host_concurrency: u32,
+
+    /// How long a dispatcher owns the deliveries it claimed: when it dies,
+    /// another replica retries them after this. Longer than a request may take.
+    #[arg(long, env = "RT_PUSH_LEASE", value_parser = parse_duration, default_value = "60s")]
+    pub push_lease: Duration,
+
+    /// Timeout of one request to a push service.
+    #[arg(long, env = "RT_PUSH_REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub push_request_timeout: Duration,
+
+    /// Attempts before a delivery that keeps failing (429, 5xx, network) is
+    /// given up as failed.
+    #[arg(long, env = "RT_PUSH_MAX_ATTEMPTS", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub push_max_attempts: u32,
+
+    /// First retry delay; it doubles with each attempt (with jitter), up to 10 min.
+    #[arg(long, env = "RT_PUSH_RETRY_BASE", value_parser = parse_duration, default_value = "1s")]
+    pub push_retry_base: Duration,
+
+    /// Default `TTL` of Web Push messages: how long the push service keeps a
+    /// message for an offline browser. An event's own `push.ttl` wins.
+    #[arg(long, env = "RT_PUSH_TTL", value_parser = parse_duration, default_value = "1d")]
+    pub push_ttl: Duration,
+
+    /// Default `Urgency` of Web Push messages: very-low, low, normal or high.
+    /// An event's own `push.urgency` wins.
+    #[arg(long, env = "RT_PUSH_URGENCY", value_parser = crate::event::parse_urgency, default_value = "normal")]
+    pub push_urgency: String,
+
+    /// How often the dispatcher looks for undelivered work even when NATS is
+    /// quiet (a lost wake-up, another replica's crash).
+    #[arg(long, env = "RT_PUSH_SWEEP_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub push_sweep_interval: Duration,
+
+    /// How long finished deliveries (delivered or failed) stay queryable.
+    #[arg(long, env = "RT_PUSH_OUTCOME_RETENTION", value_parser = parse_duration, default_value = "1d")]
+    pub push_outcome_retention: Duration,
+
     /// Log format.
     #[arg(long, env = "RT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -261,6 +307,16 @@ impl Default for Settings {
             vapid_private_key: None,
             vapid_subject: "mailto:admin@localhost".into(),
             push_allow_insecure_endpoints: false,
+            push_concurrency: 128,
+            push_host_concurrency: 32,
+            push_lease: Duration::from_secs(60),
+            push_request_timeout: Duration::from_secs(15),
+            push_max_attempts: 12,
+            push_retry_base: Duration::from_secs(1),
+            push_ttl: Duration::from_secs(86_400),
+            push_urgency: "normal".into(),
+            push_sweep_interval: Duration::from_secs(5),
+            push_outcome_retention: Duration::from_secs(86_400),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
         }

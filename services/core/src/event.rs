@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 /// Longest topic name accepted, in characters.
@@ -137,6 +137,79 @@ pub struct NewEvent {
     pub data: Box<RawValue>,
     /// Makes a retried publish return the first result; unique per topic.
     pub idempotency_key: Option<String>,
+    /// How Web Push should carry this event; `None`: the configured defaults.
+    pub push: Option<PushOptions>,
+}
+
+/// Longest `TTL` a Web Push message may ask for: 28 days, what push services keep at most.
+pub const MAX_PUSH_TTL: u32 = 28 * 86_400;
+/// Longest Web Push `Topic` header (RFC 8030, section 5.4).
+pub const MAX_PUSH_TOPIC_LEN: usize = 32;
+/// The `Urgency` values of RFC 8030, section 5.3.
+pub const URGENCIES: [&str; 4] = ["very-low", "low", "normal", "high"];
+
+/// A published event's Web Push options (`"push": {...}` of a publish):
+/// the `TTL` (seconds), `Urgency` and `Topic` headers its push messages carry.
+/// Unset fields take the dispatcher's defaults. Stored with the event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urgency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+}
+
+impl PushOptions {
+    /// Checks the options against what push services accept.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(ttl) = self.ttl
+            && ttl > MAX_PUSH_TTL
+        {
+            return Err(format!(
+                "push.ttl is {ttl} s; the maximum is {MAX_PUSH_TTL} (28 days)"
+            ));
+        }
+        if let Some(urgency) = &self.urgency {
+            parse_urgency(urgency).map_err(|e| format!("push.urgency: {e}"))?;
+        }
+        if let Some(topic) = &self.topic {
+            if topic.is_empty() || topic.len() > MAX_PUSH_TOPIC_LEN {
+                return Err(format!(
+                    "push.topic must be 1 to {MAX_PUSH_TOPIC_LEN} characters, got {}",
+                    topic.chars().count()
+                ));
+            }
+            if let Some(c) = topic
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+            {
+                return Err(format!(
+                    "push.topic contains {c:?}; allowed are A-Z, a-z, 0-9, '-' and '_' (RFC 8030)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored form: compact JSON.
+    pub fn to_json(&self) -> String {
+        // unwrap: options of strings and numbers serialize infallibly
+        serde_json::to_string(self).expect("push options serialize")
+    }
+}
+
+/// Checks a Web Push `Urgency`: very-low, low, normal or high.
+pub fn parse_urgency(s: &str) -> Result<String, String> {
+    if URGENCIES.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not an urgency; use very-low, low, normal or high"
+        ))
+    }
 }
 
 /// A position in several topics at once: `topic:seq` pairs joined by commas

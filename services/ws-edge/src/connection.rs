@@ -481,6 +481,7 @@ impl Conn {
             event_type,
             data,
             idempotency_key: None,
+            push: None,
         };
         let trace = {
             let span = tracing::info_span!("ws.publish", topic = %event.topic);

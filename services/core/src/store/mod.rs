@@ -12,7 +12,7 @@ use std::{collections::HashMap, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::event::{Event, NewEvent, Position, Topic};
+use crate::event::{Event, NewEvent, Position, PushOptions, Topic};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -122,6 +122,128 @@ pub enum PushUpsert {
     OwnedByOther,
 }
 
+/// Where a push delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Not sent yet, or to be retried at `next_attempt_at`.
+    Pending,
+    /// The push service accepted it (201/202).
+    Delivered,
+    /// Given up: refused by the push service, or out of attempts.
+    Failed,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<DeliveryState, StoreError> {
+        match s {
+            "pending" => Ok(DeliveryState::Pending),
+            "delivered" => Ok(DeliveryState::Delivered),
+            "failed" => Ok(DeliveryState::Failed),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown push delivery state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What one fan-out step did for a topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FanOut {
+    /// Events looked at (the topic's progress moved this far).
+    pub events: u64,
+    /// Deliveries created.
+    pub deliveries: u64,
+    /// More events wait: call again.
+    pub more: bool,
+}
+
+/// How a dispatcher claims deliveries.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    /// Who claims: outcomes are recorded only by the claim's owner.
+    pub owner: &'a str,
+    /// Most deliveries to claim.
+    pub limit: u32,
+    /// Most deliveries to claim for one push-service host.
+    pub per_host: u32,
+    /// Hosts to skip (the caller has as many in flight there as it allows).
+    pub skip_hosts: &'a [String],
+    /// How long the claim holds before other dispatchers may take the rows.
+    pub lease: Duration,
+}
+
+/// A delivery claimed for sending, with what sending needs.
+#[derive(Debug, Clone)]
+pub struct ClaimedDelivery {
+    pub id: i64,
+    pub subscription_id: String,
+    pub topic: Topic,
+    pub seq: u64,
+    /// Attempts so far, this one included; fences the outcome.
+    pub attempts: u32,
+    pub host: String,
+    pub endpoint: String,
+    pub p256dh: String,
+    pub auth: String,
+    pub notice_only: bool,
+    /// An earlier attempt was refused as too large: send a notice.
+    pub notice: bool,
+    /// The event; `None` when retention removed it before it was sent.
+    pub event: Option<Event>,
+    /// The event's own push options.
+    pub push: Option<PushOptions>,
+}
+
+/// The result of one attempt, to record.
+#[derive(Debug, Clone)]
+pub struct DeliveryOutcome {
+    pub id: i64,
+    /// The claim's attempt count: a stale claim records nothing.
+    pub attempts: u32,
+    pub state: DeliveryState,
+    /// The push service's HTTP status; `None` when no answer came.
+    pub status: Option<u16>,
+    /// Why it failed or is retried; never the payload.
+    pub error: Option<String>,
+    /// A notice was (or is to be) sent instead of the event.
+    pub notice: bool,
+    /// For `Pending`: when to try again.
+    pub retry_in: Duration,
+}
+
+/// A delivery as a subscription's owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub topic: Topic,
+    pub seq: u64,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub notice: bool,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A subscription's deliveries: counts by state and the most recent ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub pending: u64,
+    pub delivered: u64,
+    pub failed: u64,
+    /// Newest first.
+    pub recent: Vec<DeliveryRecord>,
+}
+
 /// How long events are kept. Both limits may apply at once.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Retention {
@@ -212,6 +334,52 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         subject: Option<&str>,
     ) -> Result<bool, StoreError>;
+
+    /// Topics followed by push subscriptions whose events are not all fanned
+    /// out to deliveries yet.
+    async fn push_topics_behind(&self) -> Result<Vec<Topic>, StoreError>;
+
+    /// Creates the deliveries of `topic`'s next events (one per subscription
+    /// that followed the topic before the event), at most about `max_rows`,
+    /// and moves the topic's progress past them, in one transaction. `None`
+    /// when another dispatcher is fanning the topic out right now.
+    async fn push_fan_out(
+        &self,
+        topic: &Topic,
+        max_rows: u32,
+    ) -> Result<Option<FanOut>, StoreError>;
+
+    /// Claims due pending deliveries for `claim.lease`: no other claim gets
+    /// them until the lease ends or an outcome is recorded.
+    async fn claim_push_deliveries(
+        &self,
+        claim: &ClaimRequest<'_>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError>;
+
+    /// Records attempts' outcomes; those whose claim is no longer `owner`'s
+    /// (lease ended and another claim took the row) are ignored. Returns how
+    /// many were recorded.
+    async fn record_push_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &[DeliveryOutcome],
+    ) -> Result<u64, StoreError>;
+
+    /// Removes subscriptions the push service says are gone (404/410), with
+    /// their deliveries.
+    async fn remove_push_subscriptions(&self, ids: &[String]) -> Result<u64, StoreError>;
+
+    /// The deliveries of subscription `id` if `subject` registered it: counts
+    /// by state and the `limit` most recent.
+    async fn push_deliveries(
+        &self,
+        id: &str,
+        subject: Option<&str>,
+        limit: u32,
+    ) -> Result<Option<DeliveryReport>, StoreError>;
+
+    /// Removes finished (delivered or failed) deliveries older than `age`.
+    async fn prune_push_deliveries(&self, age: Duration) -> Result<u64, StoreError>;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -330,6 +498,28 @@ fn sorted_push_topics(sub: &NewPushSubscription) -> Vec<Topic> {
     topics
 }
 
+/// The host (and port) of a push endpoint URL, for per-host limits.
+fn endpoint_host(endpoint: &str) -> &str {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// Stored push options, refusing rows that break the contract.
+fn push_options_from(
+    topic: &Topic,
+    seq: i64,
+    raw: Option<&str>,
+) -> Result<Option<PushOptions>, StoreError> {
+    raw.map(|raw| {
+        serde_json::from_str(raw)
+            .map_err(|e| StoreError::Corrupt(format!("{topic}:{seq} push options: {e}")))
+    })
+    .transpose()
+}
+
 /// The stored form of a cursor's topic list.
 fn join_topics(topics: &[Topic]) -> String {
     topics
@@ -350,7 +540,21 @@ mod tests {
             event_type: "message".into(),
             data: RawValue::from_string("1".into()).unwrap(),
             idempotency_key: key.map(str::to_owned),
+            push: None,
         }
+    }
+
+    #[test]
+    fn endpoint_hosts_keep_the_port_and_drop_the_path() {
+        assert_eq!(
+            endpoint_host("https://fcm.googleapis.com/fcm/send/x"),
+            "fcm.googleapis.com"
+        );
+        assert_eq!(
+            endpoint_host("http://127.0.0.1:9000/push/1?a#b"),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(endpoint_host("https://h"), "h");
     }
 
     #[test]

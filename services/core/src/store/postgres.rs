@@ -10,11 +10,13 @@ use sqlx::{
 };
 
 use super::{
-    Appended, CursorRecord, NewPushSubscription, PushSubscriptionRecord, PushUpsert, ReadResult,
-    Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row, event_from_row,
-    join_topics, push_topics_from, sorted_push_topics, sorted_topics,
+    Appended, ClaimRequest, ClaimedDelivery, CursorRecord, DeliveryOutcome, DeliveryRecord,
+    DeliveryReport, DeliveryState, FanOut, NewPushSubscription, PushSubscriptionRecord, PushUpsert,
+    ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row,
+    endpoint_host, event_from_row, join_topics, push_options_from, push_topics_from,
+    sorted_push_topics, sorted_topics,
 };
-use crate::event::{NewEvent, Position, Topic};
+use crate::event::{NewEvent, Position, PushOptions, Topic};
 
 const CURSOR_COLUMNS: &str = "name, topics, position, created_at, updated_at";
 
@@ -79,15 +81,16 @@ impl PgStore {
         events: &[NewEvent],
         time: DateTime<Utc>,
     ) -> Result<Vec<Appended>, StoreError> {
-        let (mut t, mut ty, mut d) = (vec![], vec![], vec![]);
+        let (mut t, mut ty, mut d, mut p) = (vec![], vec![], vec![], vec![]);
         for e in events {
             t.push(e.topic.as_str());
             ty.push(e.event_type.as_str());
             d.push(e.data.get());
+            p.push(e.push.as_ref().map(PushOptions::to_json));
         }
         let rows = sqlx::query(
             "WITH v AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS v(topic, type, data, ord)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $5::text[]) WITH ORDINALITY AS v(topic, type, data, push, ord)
              ), counts AS (
                  SELECT topic, count(*) AS n FROM v GROUP BY topic
              ), heads AS (
@@ -95,9 +98,9 @@ impl PgStore {
                  ON CONFLICT (name) DO UPDATE SET last_seq = rt_topics.last_seq + EXCLUDED.last_seq
                  RETURNING name, last_seq
              ), inserted AS (
-                 INSERT INTO rt_events (topic, seq, type, data, time)
+                 INSERT INTO rt_events (topic, seq, type, data, time, push)
                  SELECT v.topic, h.last_seq - c.n + row_number() OVER (PARTITION BY v.topic ORDER BY v.ord),
-                        v.type, v.data, $4
+                        v.type, v.data, $4, v.push
                  FROM v JOIN counts c ON c.topic = v.topic JOIN heads h ON h.name = v.topic
              )
              SELECT name, last_seq FROM heads",
@@ -106,6 +109,7 @@ impl PgStore {
         .bind(&ty)
         .bind(&d)
         .bind(time)
+        .bind(&p)
         .fetch_all(&self.pool)
         .await?;
         // The first seq of each topic in this batch, counted the same way as above.
@@ -177,18 +181,21 @@ impl Store for PgStore {
 
         let fresh = events.iter().zip(&appended).filter(|(_, a)| !a.duplicate);
         let (mut t, mut s, mut ty, mut d, mut k) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut p = vec![];
         for (e, a) in fresh {
             t.push(e.topic.as_str());
             s.push(a.seq as i64);
             ty.push(e.event_type.as_str());
             d.push(e.data.get());
             k.push(e.idempotency_key.as_deref());
+            p.push(e.push.as_ref().map(PushOptions::to_json));
         }
         if !t.is_empty() {
             sqlx::query(
-                "INSERT INTO rt_events (topic, seq, type, data, time, idempotency_key)
-                 SELECT t, s, ty, d, $5, k
-                 FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $6::text[]) AS v(t, s, ty, d, k)",
+                "INSERT INTO rt_events (topic, seq, type, data, time, idempotency_key, push)
+                 SELECT t, s, ty, d, $5, k, p
+                 FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $6::text[], $7::text[])
+                      AS v(t, s, ty, d, k, p)",
             )
             .bind(&t)
             .bind(&s)
@@ -196,6 +203,7 @@ impl Store for PgStore {
             .bind(&d)
             .bind(time)
             .bind(&k)
+            .bind(&p)
             .execute(&mut *tx)
             .await?;
             let (names, lasts): (Vec<&str>, Vec<i64>) =
@@ -429,8 +437,8 @@ impl Store for PgStore {
         // registrations of one endpoint apply one after the other.
         let Some(row) = sqlx::query(
             "INSERT INTO rt_push_subscriptions
-                 (id, subject, endpoint, p256dh, auth, expiration_ms, notice_only)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 (id, subject, endpoint, p256dh, auth, expiration_ms, notice_only, host)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (endpoint) DO UPDATE SET
                  subject = EXCLUDED.subject, p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth,
                  expiration_ms = EXCLUDED.expiration_ms, notice_only = EXCLUDED.notice_only,
@@ -446,18 +454,32 @@ impl Store for PgStore {
         .bind(&sub.auth)
         .bind(sub.expiration_ms)
         .bind(sub.notice_only)
+        .bind(endpoint_host(&sub.endpoint))
         .fetch_optional(&mut *tx)
         .await?
         else {
             return Ok(PushUpsert::OwnedByOther);
         };
         let id: String = row.get(0);
-        sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = $1")
+        // Topics it keeps keep their `after_seq`: nothing already due to it is
+        // skipped. New ones start after the topic's current last event, and
+        // the topic's fan-out progress starts there when it has none yet.
+        sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = $1 AND topic <> ALL($2)")
             .bind(&id)
+            .bind(&names)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO rt_push_topics (subscription_id, topic) SELECT $1, unnest($2::text[])",
+            "WITH v AS (
+                 SELECT v.topic, COALESCE(h.last_seq, 0) AS last
+                 FROM unnest($2::text[]) AS v(topic) LEFT JOIN rt_topics h ON h.name = v.topic
+             ), followed AS (
+                 INSERT INTO rt_push_topics (subscription_id, topic, after_seq)
+                 SELECT $1, topic, last FROM v
+                 ON CONFLICT DO NOTHING
+             )
+             INSERT INTO rt_push_progress (topic, seq) SELECT topic, last FROM v
+             ON CONFLICT DO NOTHING",
         )
         .bind(&id)
         .bind(&names)
@@ -535,6 +557,283 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn push_topics_behind(&self) -> Result<Vec<Topic>, StoreError> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT p.topic FROM rt_push_progress p JOIN rt_topics h ON h.name = p.topic
+             WHERE h.last_seq > p.seq ORDER BY p.topic",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        names
+            .iter()
+            .map(|n| {
+                Topic::parse(n).map_err(|e| StoreError::Corrupt(format!("push progress: {e}")))
+            })
+            .collect()
+    }
+
+    async fn push_fan_out(
+        &self,
+        topic: &Topic,
+        max_rows: u32,
+    ) -> Result<Option<FanOut>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(progress) = sqlx::query_scalar::<_, i64>(
+            "SELECT seq FROM rt_push_progress WHERE topic = $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(topic.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "SELECT COALESCE((SELECT last_seq FROM rt_topics WHERE name = $1), 0),
+                    (SELECT count(*) FROM rt_push_topics WHERE topic = $1)",
+        )
+        .bind(topic.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let (last, followers): (i64, i64) = (row.get(0), row.get(1));
+        if last <= progress {
+            tx.commit().await?;
+            return Ok(Some(FanOut::default()));
+        }
+        let step = (i64::from(max_rows) / followers.max(1)).clamp(1, 1000);
+        let upto = last.min(progress + step);
+        let created = sqlx::query(
+            "INSERT INTO rt_push_deliveries (subscription_id, topic, seq)
+             SELECT t.subscription_id, e.topic, e.seq
+             FROM rt_events e JOIN rt_push_topics t ON t.topic = e.topic AND t.after_seq < e.seq
+             WHERE e.topic = $1 AND e.seq > $2 AND e.seq <= $3
+             ORDER BY e.seq, t.subscription_id
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(topic.as_str())
+        .bind(progress)
+        .bind(upto)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE rt_push_progress SET seq = $2 WHERE topic = $1")
+            .bind(topic.as_str())
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(FanOut {
+            events: (upto - progress) as u64,
+            deliveries: created,
+            more: upto < last,
+        }))
+    }
+
+    async fn claim_push_deliveries(
+        &self,
+        claim: &ClaimRequest<'_>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        // Candidates are locked with SKIP LOCKED, so concurrent claims by
+        // other replicas take other rows; at most `per_host` per host are
+        // then claimed (the other candidates' locks end with the statement).
+        let rows = sqlx::query(
+            "WITH candidates AS (
+                 SELECT d.id, s.host FROM rt_push_deliveries d
+                 JOIN rt_push_subscriptions s ON s.id = d.subscription_id
+                 WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+                   AND s.host <> ALL($1)
+                 ORDER BY d.next_attempt_at, d.id
+                 LIMIT $2
+                 FOR UPDATE OF d SKIP LOCKED
+             ), ranked AS (
+                 SELECT id, host, row_number() OVER (PARTITION BY host ORDER BY id) AS rank
+                 FROM candidates
+             ), claimed AS (
+                 UPDATE rt_push_deliveries d
+                 SET attempts = d.attempts + 1, claimed_by = $3, updated_at = now(),
+                     next_attempt_at = now() + $4 * interval '1 millisecond'
+                 FROM ranked
+                 WHERE d.id = ranked.id AND ranked.rank <= $5
+                 RETURNING d.id, d.subscription_id, d.topic, d.seq, d.attempts, d.notice, ranked.host
+             )
+             SELECT c.id, c.subscription_id, c.topic, c.seq, c.attempts, c.notice, c.host,
+                    s.endpoint, s.p256dh, s.auth, s.notice_only,
+                    e.type, e.data, e.time, e.push
+             FROM claimed c
+             JOIN rt_push_subscriptions s ON s.id = c.subscription_id
+             LEFT JOIN rt_events e ON e.topic = c.topic AND e.seq = c.seq
+             ORDER BY c.id",
+        )
+        .bind(claim.skip_hosts)
+        .bind(i64::from(claim.limit))
+        .bind(claim.owner)
+        .bind(claim.lease.as_millis().min(i64::MAX as u128) as i64)
+        .bind(i64::from(claim.per_host))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let topic = Topic::parse(row.get::<&str, _>(2))
+                    .map_err(|e| StoreError::Corrupt(format!("push delivery topic: {e}")))?;
+                let seq: i64 = row.get(3);
+                let event = match row.get::<Option<String>, _>(11) {
+                    Some(event_type) => Some(event_from_row(
+                        &topic,
+                        seq,
+                        event_type,
+                        row.get(12),
+                        row.get(13),
+                    )?),
+                    None => None,
+                };
+                let push = push_options_from(&topic, seq, row.get::<Option<&str>, _>(14))?;
+                Ok(ClaimedDelivery {
+                    id: row.get(0),
+                    subscription_id: row.get(1),
+                    seq: seq as u64,
+                    attempts: row.get::<i32, _>(4) as u32,
+                    notice: row.get(5),
+                    host: row.get(6),
+                    endpoint: row.get(7),
+                    p256dh: row.get(8),
+                    auth: row.get(9),
+                    notice_only: row.get(10),
+                    event,
+                    push,
+                    topic,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_push_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &[DeliveryOutcome],
+    ) -> Result<u64, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(outcomes.len());
+        let (mut attempts, mut states, mut statuses) = (vec![], vec![], vec![]);
+        let (mut errors, mut notices, mut delays) = (vec![], vec![], vec![]);
+        for o in outcomes {
+            ids.push(o.id);
+            attempts.push(o.attempts as i32);
+            states.push(o.state.as_str());
+            statuses.push(o.status.map(i32::from));
+            errors.push(o.error.as_deref());
+            notices.push(o.notice);
+            delays.push(o.retry_in.as_millis().min(i64::MAX as u128) as i64);
+        }
+        let done = sqlx::query(
+            "UPDATE rt_push_deliveries d
+             SET state = v.state, last_status = v.status, last_error = v.error,
+                 notice = v.notice, claimed_by = NULL, updated_at = now(),
+                 next_attempt_at = now() + v.delay * interval '1 millisecond'
+             FROM unnest($2::int8[], $3::int4[], $4::text[], $5::int4[], $6::text[], $7::bool[], $8::int8[])
+                  AS v(id, attempts, state, status, error, notice, delay)
+             WHERE d.id = v.id AND d.claimed_by = $1 AND d.attempts = v.attempts",
+        )
+        .bind(owner)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&states)
+        .bind(&statuses)
+        .bind(&errors)
+        .bind(&notices)
+        .bind(&delays)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn remove_push_subscriptions(&self, ids: &[String]) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM rt_push_subscriptions WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn push_deliveries(
+        &self,
+        id: &str,
+        subject: Option<&str>,
+        limit: u32,
+    ) -> Result<Option<DeliveryReport>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let owned = sqlx::query_scalar::<_, i32>(
+            "SELECT 1 FROM rt_push_subscriptions
+             WHERE id = $1 AND (($2::text IS NULL AND subject IS NULL) OR subject = $2)",
+        )
+        .bind(id)
+        .bind(subject)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if owned.is_none() {
+            return Ok(None);
+        }
+        let mut report = DeliveryReport::default();
+        let counts = sqlx::query(
+            "SELECT state, count(*) FROM rt_push_deliveries WHERE subscription_id = $1 GROUP BY state",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in counts {
+            let n = row.get::<i64, _>(1) as u64;
+            match DeliveryState::parse(row.get(0))? {
+                DeliveryState::Pending => report.pending = n,
+                DeliveryState::Delivered => report.delivered = n,
+                DeliveryState::Failed => report.failed = n,
+            }
+        }
+        let rows = sqlx::query(
+            "SELECT topic, seq, state, attempts, notice, last_status, last_error,
+                    next_attempt_at, created_at, updated_at
+             FROM rt_push_deliveries WHERE subscription_id = $1
+             ORDER BY updated_at DESC, id DESC LIMIT $2",
+        )
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        report.recent = rows
+            .into_iter()
+            .map(|row| {
+                Ok(DeliveryRecord {
+                    topic: Topic::parse(row.get::<&str, _>(0))
+                        .map_err(|e| StoreError::Corrupt(format!("push delivery topic: {e}")))?,
+                    seq: row.get::<i64, _>(1) as u64,
+                    state: DeliveryState::parse(row.get(2))?,
+                    attempts: row.get::<i32, _>(3) as u32,
+                    notice: row.get(4),
+                    last_status: row.get::<Option<i32>, _>(5).map(|s| s as u16),
+                    last_error: row.get(6),
+                    next_attempt_at: row.get(7),
+                    created_at: row.get(8),
+                    updated_at: row.get(9),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Some(report))
+    }
+
+    async fn prune_push_deliveries(&self, age: Duration) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM rt_push_deliveries
+             WHERE state <> 'pending' AND updated_at < now() - $1 * interval '1 millisecond'",
+        )
+        .bind(age.as_millis().min(i64::MAX as u128) as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

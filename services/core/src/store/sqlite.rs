@@ -11,11 +11,13 @@ use sqlx::{
 };
 
 use super::{
-    Appended, CursorRecord, NewPushSubscription, PushSubscriptionRecord, PushUpsert, ReadResult,
-    Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row, event_from_row,
-    join_topics, push_topics_from, sorted_push_topics, sorted_topics,
+    Appended, ClaimRequest, ClaimedDelivery, CursorRecord, DeliveryOutcome, DeliveryRecord,
+    DeliveryReport, DeliveryState, FanOut, NewPushSubscription, PushSubscriptionRecord, PushUpsert,
+    ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row,
+    endpoint_host, event_from_row, join_topics, push_options_from, push_topics_from,
+    sorted_push_topics, sorted_topics,
 };
-use crate::event::{NewEvent, Position, Topic};
+use crate::event::{NewEvent, Position, PushOptions, Topic};
 
 const CURSOR_COLUMNS: &str = "name, topics, position, created_us, updated_us";
 
@@ -84,6 +86,33 @@ fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
+/// A duration in microseconds, the unit of the `*_us` columns.
+fn duration_micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A list as a JSON array, for `json_each(?)`: SQLite binds no arrays.
+fn json_list<T: serde::Serialize>(items: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(items).map_err(|e| StoreError::Corrupt(format!("bind list: {e}")))
+}
+
+/// Removes what belongs to a deleted push subscription, in case foreign keys
+/// (and so ON DELETE CASCADE) are off on this connection.
+async fn delete_push_dependents(
+    conn: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM rt_push_deliveries WHERE subscription_id = ?1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = ?1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 fn head_from(low: i64, last: i64) -> TopicHead {
     TopicHead {
         low_seq: low as u64,
@@ -130,8 +159,8 @@ impl Store for SqliteStore {
         let appended = assign_seqs(events, &mut last, &existing);
         for (e, a) in events.iter().zip(&appended).filter(|(_, a)| !a.duplicate) {
             sqlx::query(
-                "INSERT INTO rt_events (topic, seq, type, data, time_us, idempotency_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO rt_events (topic, seq, type, data, time_us, idempotency_key, push)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .bind(e.topic.as_str())
             .bind(a.seq as i64)
@@ -139,6 +168,7 @@ impl Store for SqliteStore {
             .bind(e.data.get())
             .bind(micros(time))
             .bind(e.idempotency_key.as_deref())
+            .bind(e.push.as_ref().map(PushOptions::to_json))
             .execute(&mut *tx)
             .await?;
         }
@@ -354,8 +384,9 @@ impl Store for SqliteStore {
         // An update whose WHERE fails returns no row: another subject's.
         let Some(row) = sqlx::query(
             "INSERT INTO rt_push_subscriptions
-                 (id, subject, endpoint, p256dh, auth, expiration_ms, notice_only, created_us, updated_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                 (id, subject, endpoint, p256dh, auth, expiration_ms, notice_only, created_us,
+                  updated_us, host)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
              ON CONFLICT (endpoint) DO UPDATE SET
                  subject = excluded.subject, p256dh = excluded.p256dh, auth = excluded.auth,
                  expiration_ms = excluded.expiration_ms, notice_only = excluded.notice_only,
@@ -372,22 +403,54 @@ impl Store for SqliteStore {
         .bind(sub.expiration_ms)
         .bind(sub.notice_only)
         .bind(now)
+        .bind(endpoint_host(&sub.endpoint))
         .fetch_optional(&mut *tx)
         .await?
         else {
             return Ok(PushUpsert::OwnedByOther);
         };
         let id: String = row.get(0);
-        sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = ?1")
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-        for topic in &topics {
-            sqlx::query("INSERT INTO rt_push_topics (subscription_id, topic) VALUES (?1, ?2)")
+        // Topics it keeps keep their `after_seq`: nothing already due to it is
+        // skipped. New ones start after the topic's current last event, and
+        // the topic's fan-out progress starts there when it has none yet.
+        let followed: Vec<String> =
+            sqlx::query_scalar("SELECT topic FROM rt_push_topics WHERE subscription_id = ?1")
                 .bind(&id)
-                .bind(topic.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+        for old in followed
+            .iter()
+            .filter(|old| !topics.iter().any(|t| t.as_str() == old.as_str()))
+        {
+            sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = ?1 AND topic = ?2")
+                .bind(&id)
+                .bind(old)
                 .execute(&mut *tx)
                 .await?;
+        }
+        for topic in &topics {
+            let last: i64 = sqlx::query_scalar(
+                "SELECT COALESCE((SELECT last_seq FROM rt_topics WHERE name = ?1), 0)",
+            )
+            .bind(topic.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO rt_push_topics (subscription_id, topic, after_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&id)
+            .bind(topic.as_str())
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO rt_push_progress (topic, seq) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )
+            .bind(topic.as_str())
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         let created = id == candidate;
@@ -451,7 +514,8 @@ impl Store for SqliteStore {
         id: &str,
         subject: Option<&str>,
     ) -> Result<bool, StoreError> {
-        // Topics explicitly too: foreign keys may be off on this connection.
+        // Topics and deliveries explicitly too: foreign keys may be off on
+        // this connection (an `sqlite://` URL may turn them off).
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let done = sqlx::query("DELETE FROM rt_push_subscriptions WHERE id = ?1 AND subject IS ?2")
             .bind(id)
@@ -460,13 +524,304 @@ impl Store for SqliteStore {
             .await?;
         let deleted = done.rows_affected() > 0;
         if deleted {
-            sqlx::query("DELETE FROM rt_push_topics WHERE subscription_id = ?1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            delete_push_dependents(&mut tx, id).await?;
         }
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn push_topics_behind(&self) -> Result<Vec<Topic>, StoreError> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT p.topic FROM rt_push_progress p JOIN rt_topics h ON h.name = p.topic
+             WHERE h.last_seq > p.seq ORDER BY p.topic",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        names
+            .iter()
+            .map(|n| {
+                Topic::parse(n).map_err(|e| StoreError::Corrupt(format!("push progress: {e}")))
+            })
+            .collect()
+    }
+
+    async fn push_fan_out(
+        &self,
+        topic: &Topic,
+        max_rows: u32,
+    ) -> Result<Option<FanOut>, StoreError> {
+        // One writer at a time: no other fan-out of this topic runs meanwhile.
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some(progress) =
+            sqlx::query_scalar::<_, i64>("SELECT seq FROM rt_push_progress WHERE topic = ?1")
+                .bind(topic.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "SELECT COALESCE((SELECT last_seq FROM rt_topics WHERE name = ?1), 0),
+                    (SELECT count(*) FROM rt_push_topics WHERE topic = ?1)",
+        )
+        .bind(topic.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let (last, followers): (i64, i64) = (row.get(0), row.get(1));
+        if last <= progress {
+            tx.commit().await?;
+            return Ok(Some(FanOut::default()));
+        }
+        let step = (i64::from(max_rows) / followers.max(1)).clamp(1, 1000);
+        let upto = last.min(progress + step);
+        let created = sqlx::query(
+            "INSERT INTO rt_push_deliveries
+                 (subscription_id, topic, seq, next_attempt_us, created_us, updated_us)
+             SELECT t.subscription_id, e.topic, e.seq, ?4, ?4, ?4
+             FROM rt_events e JOIN rt_push_topics t ON t.topic = e.topic AND t.after_seq < e.seq
+             WHERE e.topic = ?1 AND e.seq > ?2 AND e.seq <= ?3
+             ORDER BY e.seq, t.subscription_id
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(topic.as_str())
+        .bind(progress)
+        .bind(upto)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE rt_push_progress SET seq = ?2 WHERE topic = ?1")
+            .bind(topic.as_str())
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(FanOut {
+            events: (upto - progress) as u64,
+            deliveries: created,
+            more: upto < last,
+        }))
+    }
+
+    async fn claim_push_deliveries(
+        &self,
+        claim: &ClaimRequest<'_>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        let now = micros(Utc::now());
+        let until = now.saturating_add(duration_micros(claim.lease));
+        let skip = json_list(claim.skip_hosts)?;
+        // Statements of one IMMEDIATE transaction: no other claim runs between
+        // choosing the rows and taking them.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "UPDATE rt_push_deliveries
+             SET attempts = attempts + 1, claimed_by = ?3, updated_us = ?1, next_attempt_us = ?4
+             WHERE id IN (
+                 SELECT id FROM (
+                     SELECT c.id, row_number() OVER (PARTITION BY c.host ORDER BY c.id) AS rank
+                     FROM (
+                         SELECT d.id, s.host FROM rt_push_deliveries d
+                         JOIN rt_push_subscriptions s ON s.id = d.subscription_id
+                         WHERE d.state = 'pending' AND d.next_attempt_us <= ?1
+                           AND s.host NOT IN (SELECT value FROM json_each(?2))
+                         ORDER BY d.next_attempt_us, d.id
+                         LIMIT ?5
+                     ) c
+                 ) WHERE rank <= ?6
+             )
+             RETURNING id",
+        )
+        .bind(now)
+        .bind(&skip)
+        .bind(claim.owner)
+        .bind(until)
+        .bind(i64::from(claim.limit))
+        .bind(i64::from(claim.per_host))
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT d.id, d.subscription_id, d.topic, d.seq, d.attempts, d.notice, s.host,
+                    s.endpoint, s.p256dh, s.auth, s.notice_only,
+                    e.type, e.data, e.time_us, e.push
+             FROM rt_push_deliveries d
+             JOIN rt_push_subscriptions s ON s.id = d.subscription_id
+             LEFT JOIN rt_events e ON e.topic = d.topic AND e.seq = d.seq
+             WHERE d.id IN (SELECT value FROM json_each(?1))
+             ORDER BY d.id",
+        )
+        .bind(json_list(&ids)?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.into_iter()
+            .map(|row| {
+                let topic = Topic::parse(row.get::<&str, _>(2))
+                    .map_err(|e| StoreError::Corrupt(format!("push delivery topic: {e}")))?;
+                let seq: i64 = row.get(3);
+                let event = match row.get::<Option<String>, _>(11) {
+                    Some(event_type) => Some(event_from_row(
+                        &topic,
+                        seq,
+                        event_type,
+                        row.get(12),
+                        from_micros(row.get(13)),
+                    )?),
+                    None => None,
+                };
+                let push = push_options_from(&topic, seq, row.get::<Option<&str>, _>(14))?;
+                Ok(ClaimedDelivery {
+                    id: row.get(0),
+                    subscription_id: row.get(1),
+                    seq: seq as u64,
+                    attempts: row.get::<i64, _>(4) as u32,
+                    notice: row.get(5),
+                    host: row.get(6),
+                    endpoint: row.get(7),
+                    p256dh: row.get(8),
+                    auth: row.get(9),
+                    notice_only: row.get(10),
+                    event,
+                    push,
+                    topic,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_push_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &[DeliveryOutcome],
+    ) -> Result<u64, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut recorded = 0;
+        for o in outcomes {
+            let done = sqlx::query(
+                "UPDATE rt_push_deliveries
+                 SET state = ?4, last_status = ?5, last_error = ?6, notice = ?7,
+                     claimed_by = NULL, updated_us = ?8, next_attempt_us = ?9
+                 WHERE id = ?1 AND claimed_by = ?2 AND attempts = ?3",
+            )
+            .bind(o.id)
+            .bind(owner)
+            .bind(i64::from(o.attempts))
+            .bind(o.state.as_str())
+            .bind(o.status.map(i64::from))
+            .bind(o.error.as_deref())
+            .bind(o.notice)
+            .bind(now)
+            .bind(now.saturating_add(duration_micros(o.retry_in)))
+            .execute(&mut *tx)
+            .await?;
+            recorded += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    async fn remove_push_subscriptions(&self, ids: &[String]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut removed = 0;
+        for id in ids {
+            let done = sqlx::query("DELETE FROM rt_push_subscriptions WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() > 0 {
+                removed += done.rows_affected();
+                delete_push_dependents(&mut tx, id).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn push_deliveries(
+        &self,
+        id: &str,
+        subject: Option<&str>,
+        limit: u32,
+    ) -> Result<Option<DeliveryReport>, StoreError> {
+        // A read transaction gives the queries one snapshot in WAL mode.
+        let mut tx = self.pool.begin().await?;
+        let owned = sqlx::query_scalar::<_, i64>(
+            "SELECT 1 FROM rt_push_subscriptions WHERE id = ?1 AND subject IS ?2",
+        )
+        .bind(id)
+        .bind(subject)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if owned.is_none() {
+            return Ok(None);
+        }
+        let mut report = DeliveryReport::default();
+        let counts = sqlx::query(
+            "SELECT state, count(*) FROM rt_push_deliveries WHERE subscription_id = ?1 GROUP BY state",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in counts {
+            let n = row.get::<i64, _>(1) as u64;
+            match DeliveryState::parse(row.get(0))? {
+                DeliveryState::Pending => report.pending = n,
+                DeliveryState::Delivered => report.delivered = n,
+                DeliveryState::Failed => report.failed = n,
+            }
+        }
+        let rows = sqlx::query(
+            "SELECT topic, seq, state, attempts, notice, last_status, last_error,
+                    next_attempt_us, created_us, updated_us
+             FROM rt_push_deliveries WHERE subscription_id = ?1
+             ORDER BY updated_us DESC, id DESC LIMIT ?2",
+        )
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        report.recent = rows
+            .into_iter()
+            .map(|row| {
+                Ok(DeliveryRecord {
+                    topic: Topic::parse(row.get::<&str, _>(0))
+                        .map_err(|e| StoreError::Corrupt(format!("push delivery topic: {e}")))?,
+                    seq: row.get::<i64, _>(1) as u64,
+                    state: DeliveryState::parse(row.get(2))?,
+                    attempts: row.get::<i64, _>(3) as u32,
+                    notice: row.get(4),
+                    last_status: row.get::<Option<i64>, _>(5).map(|s| s as u16),
+                    last_error: row.get(6),
+                    next_attempt_at: from_micros(row.get(7)),
+                    created_at: from_micros(row.get(8)),
+                    updated_at: from_micros(row.get(9)),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Some(report))
+    }
+
+    async fn prune_push_deliveries(&self, age: Duration) -> Result<u64, StoreError> {
+        let cutoff = micros(Utc::now()).saturating_sub(duration_micros(age));
+        let done = sqlx::query(
+            "DELETE FROM rt_push_deliveries WHERE state <> 'pending' AND updated_us < ?1",
+        )
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
