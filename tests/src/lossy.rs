@@ -12,7 +12,7 @@ use std::{
 use async_trait::async_trait;
 use rt_core::{
     Event, Topic,
-    bus::{Bus, BusError, BusSignal, BusStream, TraceHeaders},
+    bus::{Bus, BusError, BusSignal, BusStream, TopicStream, TraceHeaders},
 };
 use tokio::sync::broadcast;
 
@@ -83,6 +83,10 @@ impl Bus for LossyBus {
 
     async fn subscribe(&self, topic: &Topic) -> Result<BusStream, BusError> {
         self.inner.subscribe(topic).await
+    }
+
+    async fn watch(&self) -> Result<TopicStream, BusError> {
+        self.inner.watch().await
     }
 
     fn signals(&self) -> broadcast::Receiver<BusSignal> {

@@ -10,6 +10,7 @@ use actix_web::{
     middleware::{Next, from_fn},
     web,
 };
+use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::{
@@ -108,6 +109,12 @@ impl Application {
     }
 }
 
+/// Work a process runs beside its HTTP server (the push dispatcher's
+/// delivery engine). It starts with the process's context and must return
+/// soon after `ctx.shutdown` has started; the process waits for it up to
+/// `--shutdown-timeout` before exiting.
+pub type Worker = Box<dyn FnOnce(Context) -> BoxFuture<'static, ()> + Send>;
+
 /// What every service's `main` does: telemetry, connect, bind, serve.
 pub async fn run_service<F>(
     name: &'static str,
@@ -117,9 +124,27 @@ pub async fn run_service<F>(
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
+    run_service_with(name, settings, configure, Vec::new()).await
+}
+
+/// [`run_service`] with [`Worker`]s beside the server.
+pub async fn run_service_with<F>(
+    name: &'static str,
+    settings: Settings,
+    configure: F,
+    workers: Vec<Worker>,
+) -> anyhow::Result<()>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
     let _telemetry = telemetry::init(name, &settings, "info")?;
     let ctx = Context::connect(settings).await?;
     let (store, bus, bind) = (ctx.store.kind(), ctx.bus.kind(), ctx.settings.bind.clone());
+    let (shutdown, shutdown_timeout) = (ctx.shutdown.clone(), ctx.settings.shutdown_timeout);
+    let running: Vec<_> = workers
+        .into_iter()
+        .map(|worker| tokio::spawn(worker(ctx.clone())))
+        .collect();
     let app = Application::build(ctx, configure)?;
     let host = bind.rsplit_once(':').map_or(bind.as_str(), |(h, _)| h);
     tracing::info!(
@@ -139,7 +164,16 @@ where
         );
         stop.stop(true).await;
     });
-    app.run_until_stopped().await?;
+    let served = app.run_until_stopped().await;
+    shutdown.begin();
+    let drained = tokio::time::timeout(shutdown_timeout, futures_util::future::join_all(running));
+    if drained.await.is_err() {
+        tracing::warn!(
+            service = name,
+            "background work did not finish within --shutdown-timeout; stopping anyway"
+        );
+    }
+    served?;
     tracing::info!(service = name, "stopped");
     Ok(())
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use futures_util::stream;
 use tokio::sync::broadcast;
 
-use super::{Bus, BusError, BusSignal, BusStream, TraceHeaders};
+use super::{Bus, BusError, BusSignal, BusStream, TopicStream, TraceHeaders};
 use crate::event::{Event, Topic};
 
 /// Events a subscriber may fall behind by before it is told it lost some.
@@ -19,6 +19,8 @@ const CHANNEL_CAPACITY: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct MemoryBus {
     topics: Arc<Mutex<HashMap<Topic, broadcast::Sender<Event>>>>,
+    /// Every published topic, for [`Bus::watch`].
+    all: broadcast::Sender<Topic>,
     signals: broadcast::Sender<BusSignal>,
 }
 
@@ -26,6 +28,7 @@ impl Default for MemoryBus {
     fn default() -> Self {
         MemoryBus {
             topics: Arc::default(),
+            all: broadcast::channel(CHANNEL_CAPACITY).0,
             signals: broadcast::channel(64).0,
         }
     }
@@ -40,6 +43,9 @@ impl MemoryBus {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, event: &Event, _trace: &TraceHeaders) -> Result<(), BusError> {
+        if self.all.receiver_count() > 0 {
+            let _ = self.all.send(event.topic.clone());
+        }
         // unwrap: the lock is never held across a panic point
         let mut topics = self.topics.lock().unwrap();
         if let Some(tx) = topics.get(&event.topic)
@@ -67,6 +73,25 @@ impl Bus for MemoryBus {
                 loop {
                     match rx.recv().await {
                         Ok(event) => return Some((event, (rx, signals))),
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let _ = signals.send(BusSignal::SlowConsumer);
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        )))
+    }
+
+    async fn watch(&self) -> Result<TopicStream, BusError> {
+        let rx = self.all.subscribe();
+        let signals = self.signals.clone();
+        Ok(Box::pin(stream::unfold(
+            (rx, signals),
+            |(mut rx, signals)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(topic) => return Some((topic, (rx, signals))),
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             let _ = signals.send(BusSignal::SlowConsumer);
                         }

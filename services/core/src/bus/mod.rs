@@ -23,6 +23,11 @@ pub type TraceHeaders = Vec<(String, String)>;
 /// Live events of one topic, in the order the bus delivers them.
 pub type BusStream = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
+/// The topics of events as they are published, every topic: what a consumer
+/// of the whole log (the push dispatcher) wakes up on. A topic may come once
+/// per event or less; the log says what is new.
+pub type TopicStream = Pin<Box<dyn Stream<Item = Topic> + Send>>;
+
 /// Something that may have cost the subscribers messages: whoever relies on
 /// the bus fills in from the store when it sees one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Live events of `topic` from now on.
     async fn subscribe(&self, topic: &Topic) -> Result<BusStream, BusError>;
+
+    /// The topic of every event published from now on, whatever its topic.
+    async fn watch(&self) -> Result<TopicStream, BusError>;
 
     /// Reconnects and slow-consumer notices.
     fn signals(&self) -> broadcast::Receiver<BusSignal>;

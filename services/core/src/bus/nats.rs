@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
 
-use super::{Bus, BusError, BusSignal, BusStream, TraceHeaders, subject};
+use super::{Bus, BusError, BusSignal, BusStream, TopicStream, TraceHeaders, subject};
 use crate::{
     event::{Event, Topic},
     proto,
@@ -100,6 +100,22 @@ impl Bus for NatsBus {
                     None
                 }
             }
+        })))
+    }
+
+    async fn watch(&self) -> Result<TopicStream, BusError> {
+        let prefix = format!("{}.events.", self.prefix);
+        let sub = self
+            .client
+            .subscribe(format!("{prefix}>"))
+            .await
+            .map_err(|e| BusError::Subscribe(e.to_string()))?;
+        Ok(Box::pin(sub.filter_map(move |msg| {
+            let topic = msg
+                .subject
+                .strip_prefix(prefix.as_str())
+                .and_then(|name| Topic::parse(name).ok());
+            async move { topic }
         })))
     }
 
