@@ -11,7 +11,7 @@ use actix_web::{HttpRequest, HttpResponse, guard, web};
 use rt_core::{
     ApiError, Context, Topic,
     auth::Principal,
-    event::{DEFAULT_EVENT_TYPE, NewEvent, validate_event_type},
+    event::{DEFAULT_EVENT_TYPE, NewEvent, PushOptions, validate_event_type},
     http::{parse_json, read_body},
     publish::{PublishError, Published},
     telemetry::current_trace_headers,
@@ -65,6 +65,7 @@ struct PublishBody {
     #[serde(rename = "type")]
     event_type: Option<String>,
     data: Box<RawValue>,
+    push: Option<PushOptions>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +75,7 @@ struct BatchItem {
     #[serde(rename = "type")]
     event_type: Option<String>,
     data: Box<RawValue>,
+    push: Option<PushOptions>,
 }
 
 async fn publish_one(
@@ -88,8 +90,7 @@ async fn publish_one(
     let key = idempotency_key(&req)?;
     let body = read_body(payload, ctx.settings.max_body_bytes).await?;
     let body: PublishBody = parse_json(&body)?;
-    let event = new_event(topic, body.event_type, body.data, key)
-        .map_err(|m| ApiError::bad_request("invalid_type", m))?;
+    let event = new_event(topic, body.event_type, body.data, key, body.push)?;
     let published = publish(&ctx, vec![event]).await?;
     // index: one event in, one result out
     let p = &published[0];
@@ -121,8 +122,8 @@ async fn publish_batch(
         // Each event of a keyed batch gets its own key, so a retried batch
         // maps back onto the same seqs one by one.
         let key = key.as_ref().map(|k| format!("{k}#{i}"));
-        let event = new_event(topic, item.event_type, item.data, key)
-            .map_err(|m| ApiError::bad_request("invalid_type", format!("events[{i}].type: {m}")))?;
+        let event = new_event(topic, item.event_type, item.data, key, item.push)
+            .map_err(|e| ApiError::bad_request(e.code, format!("events[{i}].{}", e.message)))?;
         events.push(event);
     }
     let published = publish(&ctx, events).await?;
@@ -131,19 +132,43 @@ async fn publish_batch(
     Ok(created(replayed).json(BatchAck { events }))
 }
 
+/// Why an event of a publish was refused: an error code and a message
+/// naming the field.
+struct InvalidEvent {
+    code: &'static str,
+    message: String,
+}
+
+impl From<InvalidEvent> for ApiError {
+    fn from(e: InvalidEvent) -> Self {
+        ApiError::bad_request(e.code, e.message)
+    }
+}
+
 fn new_event(
     topic: Topic,
     event_type: Option<String>,
     data: Box<RawValue>,
     idempotency_key: Option<String>,
-) -> Result<NewEvent, String> {
+    push: Option<PushOptions>,
+) -> Result<NewEvent, InvalidEvent> {
     let event_type = event_type.unwrap_or_else(|| DEFAULT_EVENT_TYPE.to_owned());
-    validate_event_type(&event_type)?;
+    validate_event_type(&event_type).map_err(|m| InvalidEvent {
+        code: "invalid_type",
+        message: format!("type: {m}"),
+    })?;
+    if let Some(push) = &push {
+        push.validate().map_err(|message| InvalidEvent {
+            code: "invalid_push_options",
+            message,
+        })?;
+    }
     Ok(NewEvent {
         topic,
         event_type,
         data,
         idempotency_key,
+        push: push.filter(|p| *p != PushOptions::default()),
     })
 }
 

@@ -14,8 +14,11 @@
 //! first process to need a key generates one and stores it; every replica
 //! then reads that one back, so they all agree and it survives restarts.
 
+mod dispatch;
 mod subscriptions;
 mod vapid;
+
+pub use dispatch::{MAX_PLAINTEXT, run};
 
 use std::sync::Arc;
 
@@ -38,7 +41,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             web::resource("/v1/push/subscriptions/{id}")
                 .route(web::delete().to(subscriptions::delete)),
+        )
+        .service(
+            web::resource("/v1/push/subscriptions/{id}/deliveries")
+                .route(web::get().to(subscriptions::deliveries)),
         );
+}
+
+/// The delivery engine as a [`rt_core::server::Worker`], for
+/// [`rt_core::server::run_service_with`].
+pub fn worker() -> rt_core::server::Worker {
+    Box::new(|ctx| Box::pin(run(ctx)))
 }
 
 /// Checks the push settings before a process starts serving, so a bad

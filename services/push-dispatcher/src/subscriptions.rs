@@ -9,7 +9,7 @@ use rt_core::{
     auth::Principal,
     http::{parse_json, read_body},
     query::check_topic_count,
-    store::{NewPushSubscription, PushSubscriptionRecord, PushUpsert},
+    store::{DeliveryRecord, NewPushSubscription, PushSubscriptionRecord, PushUpsert},
 };
 use serde::{Deserialize, Serialize};
 
@@ -235,4 +235,90 @@ pub(crate) async fn delete(
         ));
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Most deliveries one report lists.
+const MAX_REPORT_LIMIT: u32 = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReportQuery {
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryView<'a> {
+    topic: &'a Topic,
+    seq: u64,
+    state: &'static str,
+    attempts: u32,
+    notice: bool,
+    status: Option<u16>,
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl<'a> From<&'a DeliveryRecord> for DeliveryView<'a> {
+    fn from(d: &'a DeliveryRecord) -> Self {
+        let pending = d.state == rt_core::store::DeliveryState::Pending;
+        DeliveryView {
+            topic: &d.topic,
+            seq: d.seq,
+            state: d.state.as_str(),
+            attempts: d.attempts,
+            notice: d.notice,
+            status: d.last_status,
+            error: d.last_error.as_deref(),
+            next_attempt_at: pending.then(|| rfc3339(d.next_attempt_at)),
+            created_at: rfc3339(d.created_at),
+            updated_at: rfc3339(d.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ReportView<'a> {
+    pending: u64,
+    delivered: u64,
+    failed: u64,
+    deliveries: Vec<DeliveryView<'a>>,
+}
+
+/// `GET /v1/push/subscriptions/{id}/deliveries?limit=N`: how delivery to
+/// one of the caller's subscriptions goes: counts by state and the `N`
+/// (default 100) most recently changed deliveries.
+pub(crate) async fn deliveries(
+    ctx: web::Data<Context>,
+    principal: Principal,
+    path: web::Path<String>,
+    query: web::Query<ReportQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_REPORT_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be 1 to {MAX_REPORT_LIMIT}, got {limit}"),
+        ));
+    }
+    let report = ctx
+        .store
+        .push_deliveries(&id, principal.subject.as_deref(), limit)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "subscription_not_found",
+                format!("there is no push subscription {id} of yours"),
+            )
+        })?;
+    Ok(HttpResponse::Ok().json(ReportView {
+        pending: report.pending,
+        delivered: report.delivered,
+        failed: report.failed,
+        deliveries: report.recent.iter().map(DeliveryView::from).collect(),
+    }))
 }

@@ -16,7 +16,15 @@ use base64::{
         DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::URL_SAFE_NO_PAD,
     },
 };
-use p256::{FieldBytes, PublicKey, SecretKey, elliptic_curve::sec1::ToEncodedPoint};
+use std::time::Duration;
+
+use p256::{
+    FieldBytes, PublicKey, SecretKey, elliptic_curve::sec1::ToEncodedPoint, pkcs8::DecodePrivateKey,
+};
+use web_push_native::jwt_simple::{
+    algorithms::{ECDSAP256KeyPairLike, ES256KeyPair},
+    claims::Claims,
+};
 
 /// base64url that accepts input with or without `=` padding.
 const LENIENT: GeneralPurpose = GeneralPurpose::new(
@@ -61,6 +69,7 @@ fn encode(bytes: &[u8]) -> String {
 pub(crate) struct VapidKeys {
     private: String,
     public: String,
+    signer: ES256KeyPair,
 }
 
 impl std::fmt::Debug for VapidKeys {
@@ -77,8 +86,22 @@ impl VapidKeys {
         Self::from_secret(&SecretKey::random(&mut rand_core::OsRng))
     }
 
-    /// The pair of a private key given as the raw 32-byte scalar in base64url.
+    /// The pair of a private key given as the raw 32-byte scalar in
+    /// base64url, or as PEM (`EC PRIVATE KEY` or PKCS#8 `PRIVATE KEY`, what
+    /// `openssl ecparam -name prime256v1 -genkey` and `openssl genpkey` write).
     pub(crate) fn from_private(private: &str) -> Result<VapidKeys, KeyError> {
+        let private = private.trim();
+        if private.starts_with("-----BEGIN") {
+            let secret = SecretKey::from_sec1_pem(private)
+                .or_else(|_| SecretKey::from_pkcs8_pem(private))
+                .map_err(|_| {
+                    key_error(
+                        "the VAPID private key is PEM but not a P-256 key \
+                         (expected EC PRIVATE KEY or PRIVATE KEY on prime256v1)",
+                    )
+                })?;
+            return Ok(Self::from_secret(&secret));
+        }
         let bytes = decode("the VAPID private key", private)?;
         if bytes.len() != 32 {
             return Err(key_error(format!(
@@ -94,10 +117,32 @@ impl VapidKeys {
 
     fn from_secret(secret: &SecretKey) -> VapidKeys {
         let point = secret.public_key().to_encoded_point(false);
+        let raw = secret.to_bytes();
         VapidKeys {
-            private: encode(&secret.to_bytes()),
+            private: encode(&raw),
             public: encode(point.as_bytes()),
+            // expect: any valid P-256 scalar is a valid ES256 key
+            signer: ES256KeyPair::from_bytes(&raw).expect("a P-256 scalar is an ES256 key"),
         }
+    }
+
+    /// The `Authorization` header value for requests to `origin`
+    /// (`scheme://host[:port]`, the JWT's `aud`), valid for `valid_for`:
+    /// `vapid t=<ES256 JWT>, k=<public key>` (RFC 8292, section 3).
+    pub(crate) fn authorization(
+        &self,
+        origin: &str,
+        subject: &str,
+        valid_for: Duration,
+    ) -> Result<String, KeyError> {
+        let claims = Claims::create(valid_for.into())
+            .with_audience(origin)
+            .with_subject(subject);
+        let token = self
+            .signer
+            .sign(claims)
+            .map_err(|e| key_error(format!("cannot sign the VAPID token: {e}")))?;
+        Ok(format!("vapid t={token}, k={}", self.public))
     }
 
     /// The private key, base64url without padding: what the store keeps and
@@ -109,6 +154,36 @@ impl VapidKeys {
     /// The public key: the uncompressed point, base64url without padding.
     pub(crate) fn public_base64(&self) -> &str {
         &self.public
+    }
+}
+
+/// A browser's keys, decoded for encryption.
+pub(crate) struct ClientKeys {
+    public: PublicKey,
+    auth: web_push_native::Auth,
+}
+
+impl ClientKeys {
+    /// Decodes keys as stored (checked at registration).
+    pub(crate) fn decode(p256dh: &str, auth: &str) -> Result<ClientKeys, KeyError> {
+        let point = decode("keys.p256dh", p256dh)?;
+        let public = PublicKey::from_sec1_bytes(&point)
+            .map_err(|_| key_error("keys.p256dh is not a point on the P-256 curve"))?;
+        let secret = decode("keys.auth", auth)?;
+        if secret.len() != AUTH_SECRET_LEN {
+            return Err(key_error("keys.auth is not 16 bytes"));
+        }
+        Ok(ClientKeys {
+            public,
+            auth: web_push_native::Auth::clone_from_slice(&secret),
+        })
+    }
+
+    /// `message` encrypted for this browser: an `aes128gcm` body of one
+    /// record (RFC 8188, RFC 8291), 103 bytes longer than the message.
+    pub(crate) fn encrypt(&self, message: Vec<u8>) -> Result<Vec<u8>, KeyError> {
+        web_push_native::encrypt(message, &self.public, &self.auth)
+            .map_err(|e| key_error(format!("cannot encrypt the push message: {e}")))
     }
 }
 
@@ -170,6 +245,54 @@ mod tests {
         let public = URL_SAFE_NO_PAD.decode(a.public_base64()).unwrap();
         assert_eq!((public.len(), public[0]), (65, 0x04));
         assert!(!format!("{a:?}").contains(a.private_base64()));
+    }
+
+    #[test]
+    fn pem_private_keys_give_the_same_pair() {
+        // The PRIVATE key above, as `openssl ec -outform PEM` and
+        // `openssl pkcs8 -topk8 -nocrypt` print it.
+        let secret = SecretKey::from_bytes(FieldBytes::from_slice(
+            &URL_SAFE_NO_PAD.decode(PRIVATE).unwrap(),
+        ))
+        .unwrap();
+        let sec1 = secret.to_sec1_pem(Default::default()).unwrap();
+        let pkcs8 =
+            p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&secret, Default::default()).unwrap();
+        for pem in [sec1.as_str(), pkcs8.as_str()] {
+            let keys = VapidKeys::from_private(pem).unwrap();
+            assert_eq!(
+                (keys.private_base64(), keys.public_base64()),
+                (PRIVATE, PUBLIC)
+            );
+        }
+        let garbage = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert!(VapidKeys::from_private(garbage).is_err());
+    }
+
+    #[test]
+    fn authorization_carries_a_token_and_the_public_key() {
+        let keys = VapidKeys::from_private(PRIVATE).unwrap();
+        let header = keys
+            .authorization(
+                "https://push.example:8443",
+                "mailto:ops@example.com",
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let (token, key) = header
+            .strip_prefix("vapid t=")
+            .and_then(|rest| rest.split_once(", k="))
+            .unwrap();
+        assert_eq!(key, PUBLIC);
+        let claims: serde_json::Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(token.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["aud"], "https://push.example:8443");
+        assert_eq!(claims["sub"], "mailto:ops@example.com");
+        assert!(claims["exp"].as_u64().is_some());
     }
 
     #[test]

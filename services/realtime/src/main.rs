@@ -29,5 +29,11 @@ fn configure(cfg: &mut actix_web::web::ServiceConfig) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     rt_push_dispatcher::check_settings(&args.settings)?;
-    rt_core::server::run_service("realtime", args.settings, configure).await
+    rt_core::server::run_service_with(
+        "realtime",
+        args.settings,
+        configure,
+        vec![rt_push_dispatcher::worker()],
+    )
+    .await
 }
