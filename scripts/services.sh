@@ -311,6 +311,24 @@ ensure_python_websockets() {
     return 1
 }
 
+# OpenSSL headers and pkg-config: the push tests decrypt what the dispatcher
+# sends with the `ece` crate, an RFC 8291 implementation independent of the
+# one the service uses, and `ece` builds against the system OpenSSL. The
+# services themselves need neither.
+ensure_openssl_dev() {
+    if command -v pkg-config >/dev/null && pkg-config --exists openssl 2>/dev/null; then
+        return 0
+    fi
+    _rt_log "installing OpenSSL headers and pkg-config (for the push tests' ece decryption)"
+    if _rt_can_apt && _rt_apt_install libssl-dev pkg-config \
+        && pkg-config --exists openssl 2>/dev/null; then
+        return 0
+    fi
+    _rt_fail "the test crates need OpenSSL headers and pkg-config (Debian/Ubuntu:" \
+        "sudo apt-get install libssl-dev pkg-config; Fedora: openssl-devel)."
+    return 1
+}
+
 # Run on its own (not sourced): ensure both and print the URLs.
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     ensure_postgres || exit 1

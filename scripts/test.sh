@@ -14,6 +14,7 @@ fi
 
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
+ensure_openssl_dev
 ensure_postgres
 ensure_nats
 ensure_python_websockets

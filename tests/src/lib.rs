@@ -8,6 +8,7 @@
 pub mod lossy;
 pub mod process;
 pub mod proxy;
+pub mod push_emulator;
 pub mod sse;
 pub mod ws;
 
@@ -299,6 +300,13 @@ impl TestApp {
             .await;
         assert_eq!(status, 200, "poll of {topic} failed: {body}");
         (seqs(&body), body["next"].as_u64().expect("next in answer"))
+    }
+
+    /// Runs the push dispatcher's delivery engine on this app's context, as
+    /// `realtime` and `push-dispatcher` do beside their servers. It stops
+    /// with the app (its shutdown signal).
+    pub fn start_dispatcher(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(rt_push_dispatcher::run(self.ctx.clone()))
     }
 
     /// A handle that stops the server (shutdown signal first).

@@ -9,6 +9,7 @@ mod poll;
 mod poll_errors;
 mod publish;
 mod push;
+mod push_delivery;
 mod retention;
 mod sse;
 mod ws;
