@@ -10,7 +10,7 @@
 //! Every refused request is recorded with its reason, so a test can assert
 //! there were none.
 //!
-//! ```ignore
+//! ```text
 //! let push = PushEmulator::start().await;
 //! push.set_vapid_public_key(&server_public_key);
 //! let browser = push.new_browser();
