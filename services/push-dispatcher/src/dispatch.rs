@@ -392,10 +392,18 @@ impl Engine {
         slot.permits.clone()
     }
 
+    /// Uncounts a finished delivery. When a host that was skipped for being
+    /// saturated is down to half its limit, the sender is woken to claim more
+    /// for it at once, a batch at a time, instead of at its next idle poll.
     fn release_host(&self, host: &str) {
+        let half = self.ctx.settings.push_host_concurrency.div_ceil(2);
         let mut hosts = self.hosts.lock().unwrap();
         if let Some(slot) = hosts.get_mut(host) {
-            slot.claimed = slot.claimed.saturating_sub(1);
+            let before = slot.claimed;
+            slot.claimed = before.saturating_sub(1);
+            if before >= half && slot.claimed < half {
+                self.send_wake.notify_one();
+            }
             if slot.claimed == 0 {
                 hosts.remove(host);
             }
