@@ -192,7 +192,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
 
     /// VAPID private key of Web Push: the raw 32-byte P-256 scalar, base64url
-    /// without padding. None: one is generated once and kept in the store.
+    /// without padding, or a PEM P-256 key (`EC PRIVATE KEY` or PKCS#8
+    /// `PRIVATE KEY`). None: one is generated once and kept in the store.
     #[arg(long, env = "RT_VAPID_PRIVATE_KEY", hide_env_values = true)]
     pub vapid_private_key: Option<String>,
 
@@ -205,6 +206,13 @@ pub struct Settings {
     /// Browsers' push services always use `https://`.
     #[arg(long, env = "RT_PUSH_ALLOW_INSECURE_ENDPOINTS")]
     pub push_allow_insecure_endpoints: bool,
+
+    /// Send to push endpoints on loopback, private, link-local and other
+    /// non-public addresses (a push service inside your own network, a local
+    /// emulator). Off: such endpoints are refused at registration when the
+    /// address is literal, and at sending time when a name resolves to one.
+    #[arg(long, env = "RT_PUSH_ALLOW_PRIVATE_ADDRESSES")]
+    pub push_allow_private_addresses: bool,
 
     /// Web Push messages in flight at once, over every push service.
     #[arg(long, env = "RT_PUSH_CONCURRENCY", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -307,6 +315,7 @@ impl Default for Settings {
             vapid_private_key: None,
             vapid_subject: "mailto:admin@localhost".into(),
             push_allow_insecure_endpoints: false,
+            push_allow_private_addresses: false,
             push_concurrency: 128,
             push_host_concurrency: 32,
             push_lease: Duration::from_secs(60),

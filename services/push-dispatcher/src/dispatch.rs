@@ -189,13 +189,16 @@ struct Engine {
 impl Engine {
     fn new(ctx: Context, keys: Arc<VapidKeys>) -> anyhow::Result<Engine> {
         let settings = &ctx.settings;
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .timeout(settings.push_request_timeout)
             .connect_timeout(settings.push_request_timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(settings.push_host_concurrency as usize)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("realtime-push/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("realtime-push/", env!("CARGO_PKG_VERSION")));
+        if !settings.push_allow_private_addresses {
+            client = client.dns_resolver(Arc::new(crate::guard::PublicResolver));
+        }
+        let client = client.build()?;
         let owner = format!(
             "{}-{}",
             std::process::id(),
@@ -492,6 +495,17 @@ impl Engine {
                 };
             }
         };
+        if !self.ctx.settings.push_allow_private_addresses
+            && let Some(refusal) = url::Url::parse(&d.endpoint)
+                .ok()
+                .and_then(|u| crate::guard::literal_host_refusal(&u))
+        {
+            // Registered while private addresses were allowed.
+            return Verdict::Failed {
+                status: None,
+                error: refusal,
+            };
+        }
         let origin = origin(&d.endpoint);
         let authorization = match self.authorization(&origin) {
             Ok(value) => value,
@@ -524,6 +538,12 @@ impl Engine {
         let response = match result {
             Ok(response) => response,
             Err(e) => {
+                if let Some(refusal) = crate::guard::NotPublic::find(&e) {
+                    return Verdict::Failed {
+                        status: None,
+                        error: refusal.to_string(),
+                    };
+                }
                 return Verdict::Retry {
                     status: None,
                     error: format!("no answer from the push service: {}", error_chain(&e)),

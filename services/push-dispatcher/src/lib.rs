@@ -15,6 +15,7 @@
 //! then reads that one back, so they all agree and it survives restarts.
 
 mod dispatch;
+mod guard;
 mod subscriptions;
 mod vapid;
 

@@ -83,7 +83,11 @@ fn invalid_keys(message: impl Into<String>) -> ApiError {
 /// `--push-allow-insecure-endpoints`), with a host, no credentials, no
 /// spaces, at most [`MAX_ENDPOINT_CHARS`]. Kept exactly as given, since the
 /// same browser registers the same string again.
-fn check_endpoint(raw: Option<String>, allow_insecure: bool) -> Result<String, ApiError> {
+fn check_endpoint(
+    raw: Option<String>,
+    allow_insecure: bool,
+    allow_private: bool,
+) -> Result<String, ApiError> {
     let raw = raw.ok_or_else(|| {
         invalid_endpoint(
             "endpoint is required: the push service URL of the browser's PushSubscription",
@@ -123,6 +127,9 @@ fn check_endpoint(raw: Option<String>, allow_insecure: bool) -> Result<String, A
     if !url.username().is_empty() || url.password().is_some() {
         return Err(invalid_endpoint("endpoint must not carry credentials"));
     }
+    if !allow_private && let Some(refusal) = crate::guard::literal_host_refusal(&url) {
+        return Err(invalid_endpoint(refusal));
+    }
     Ok(raw)
 }
 
@@ -160,7 +167,11 @@ pub(crate) async fn register(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload, ctx.settings.max_body_bytes).await?;
     let body: RegisterBody = parse_json(&body)?;
-    let endpoint = check_endpoint(body.endpoint, ctx.settings.push_allow_insecure_endpoints)?;
+    let endpoint = check_endpoint(
+        body.endpoint,
+        ctx.settings.push_allow_insecure_endpoints,
+        ctx.settings.push_allow_private_addresses,
+    )?;
     let (p256dh, auth) = check_keys(body.keys)?;
     let expiration_ms = check_expiration(body.expiration_time)?;
     let mut topics = Vec::new();

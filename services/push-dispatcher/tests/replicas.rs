@@ -135,6 +135,7 @@ async fn two_dispatchers_share_the_work_and_a_killed_ones_work_is_taken_over() {
         ("RT_NATS_URL", nats.as_str()),
         ("RT_NATS_PREFIX", prefix.as_str()),
         ("RT_PUSH_ALLOW_INSECURE_ENDPOINTS", "true"),
+        ("RT_PUSH_ALLOW_PRIVATE_ADDRESSES", "true"),
         // A dead dispatcher's claims come back after this long.
         ("RT_PUSH_LEASE", "3s"),
         ("RT_PUSH_SWEEP_INTERVAL", "500ms"),
@@ -144,6 +145,7 @@ async fn two_dispatchers_share_the_work_and_a_killed_ones_work_is_taken_over() {
     // dispatcher of its own.
     let mut settings = distributed_settings(&db.url, &prefix);
     settings.push_allow_insecure_endpoints = true;
+    settings.push_allow_private_addresses = true;
     let ctx = Context::connect(settings).await.expect("connect");
     let app = TestApp::serve(ctx, prefix.clone(), None, None);
     let emulator = PushEmulator::start().await;

@@ -388,13 +388,39 @@ async fn bad_subscriptions_are_refused_and_store_nothing() {
     assert_eq!(count(url, "rt_push_subscriptions").await, 0);
     assert_eq!(count(url, "rt_push_topics").await, 0);
 
-    // http:// endpoints (a local push-service emulator) only with the setting.
+    // Literal internal addresses are refused, whatever the scheme.
+    for endpoint in [
+        "https://127.0.0.1/push/1",
+        "https://10.0.0.7:8443/push/1",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/push/1",
+        "https://[::ffff:192.168.0.1]/push/1",
+    ] {
+        let res = register(&app, &subscription(endpoint, json!(["news"])), None).await;
+        let (status, body) = (res.status(), res.text().await.unwrap());
+        assert_eq!(status, 400, "{endpoint}: {body}");
+        assert!(
+            body.contains("invalid_endpoint") && body.contains("not a public address"),
+            "{endpoint}: {body}"
+        );
+    }
+    assert_eq!(count(url, "rt_push_subscriptions").await, 0);
+
+    // http:// endpoints (a local push-service emulator) only with the setting;
+    // a loopback one also needs private addresses allowed.
     let insecure = TestApp::spawn(Engines::Embedded, |s| {
         s.push_allow_insecure_endpoints = true;
     })
     .await;
     let body = subscription("http://127.0.0.1:9/push/1", json!(["news"]));
-    assert_eq!(register(&insecure, &body, None).await.status(), 201);
+    let res = register(&insecure, &body, None).await;
+    assert_eq!(error_code(res).await, (400, "invalid_endpoint".into()));
+    let local = TestApp::spawn(Engines::Embedded, |s| {
+        s.push_allow_insecure_endpoints = true;
+        s.push_allow_private_addresses = true;
+    })
+    .await;
+    assert_eq!(register(&local, &body, None).await.status(), 201);
     let body = subscription("ftp://127.0.0.1:9/push/1", json!(["news"]));
     let res = register(&insecure, &body, None).await;
     assert_eq!(error_code(res).await, (400, "invalid_endpoint".into()));

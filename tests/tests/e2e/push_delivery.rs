@@ -17,6 +17,7 @@ async fn setup(
 ) -> (TestApp, PushEmulator) {
     let app = TestApp::spawn(engines, |s| {
         s.push_allow_insecure_endpoints = true;
+        s.push_allow_private_addresses = true;
         s.push_retry_base = Duration::from_millis(200);
         s.push_sweep_interval = Duration::from_millis(500);
         tweak(s);
@@ -309,6 +310,45 @@ async fn too_large_answers_and_big_events_become_notices() {
         1,
         "sent as a notice at once"
     );
+}
+
+/// A name that resolves only to internal addresses is not sent to (unless
+/// private addresses are allowed): the delivery fails at once, nothing leaves.
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_resolving_to_internal_addresses_are_not_sent_to() {
+    let (app, emulator) = setup(Engines::Embedded, |s| {
+        s.push_allow_private_addresses = false;
+    })
+    .await;
+    let browser = emulator.new_browser();
+    let mut body = browser.subscription_json(&["t"]);
+    let by_name = browser.endpoint.replace("127.0.0.1", "localhost");
+    assert_ne!(by_name, browser.endpoint);
+    body["endpoint"] = json!(by_name);
+    let res = app
+        .http
+        .post(app.url("/v1/push/subscriptions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "a name is judged when it is resolved");
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.publish_ok("t", json!(1)).await;
+    let report = wait_report(&app, &id, |b| b["failed"] == 1).await;
+    let failed = &report["deliveries"][0];
+    assert_eq!(failed["attempts"], 1, "not retried: {report}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("localhost resolves to no public address"),
+        "{report}"
+    );
+    assert!(emulator.attempts_to(&browser).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
