@@ -63,6 +63,21 @@ pub fn check_settings(settings: &Settings) -> anyhow::Result<()> {
     }
     rt_core::config::parse_vapid_subject(&settings.vapid_subject)
         .map_err(|e| anyhow::anyhow!("--vapid-subject: {e}"))?;
+    let max_ttl = rt_core::event::MAX_PUSH_TTL;
+    if settings.push_ttl.as_secs() > u64::from(max_ttl) {
+        anyhow::bail!(
+            "--push-ttl is {} s; push services keep messages at most {max_ttl} s (28 days)",
+            settings.push_ttl.as_secs()
+        );
+    }
+    if settings.push_lease <= settings.push_request_timeout {
+        anyhow::bail!(
+            "--push-lease ({:?}) must be longer than --push-request-timeout ({:?}): \
+             otherwise another replica retries deliveries that are still being sent",
+            settings.push_lease,
+            settings.push_request_timeout
+        );
+    }
     Ok(())
 }
 
@@ -123,4 +138,29 @@ async fn public_key(
     Ok(HttpResponse::Ok().json(PublicKeyView {
         public_key: keys.public_base64(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn settings_that_would_misbehave_are_refused() {
+        assert!(check_settings(&Settings::default()).is_ok());
+        let long_ttl = Settings {
+            push_ttl: Duration::from_secs(29 * 86_400),
+            ..Settings::default()
+        };
+        let e = check_settings(&long_ttl).unwrap_err().to_string();
+        assert!(e.contains("--push-ttl"), "{e}");
+        let short_lease = Settings {
+            push_lease: Duration::from_secs(10),
+            push_request_timeout: Duration::from_secs(15),
+            ..Settings::default()
+        };
+        let e = check_settings(&short_lease).unwrap_err().to_string();
+        assert!(e.contains("--push-lease"), "{e}");
+    }
 }

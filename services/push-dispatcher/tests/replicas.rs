@@ -138,6 +138,7 @@ async fn two_dispatchers_share_the_work_and_a_killed_ones_work_is_taken_over() {
         ("RT_PUSH_ALLOW_PRIVATE_ADDRESSES", "true"),
         // A dead dispatcher's claims come back after this long.
         ("RT_PUSH_LEASE", "3s"),
+        ("RT_PUSH_REQUEST_TIMEOUT", "2s"),
         ("RT_PUSH_SWEEP_INTERVAL", "500ms"),
         ("RT_PUSH_RETRY_BASE", "200ms"),
     ];
