@@ -36,11 +36,14 @@ ON CONFLICT DO NOTHING;
 -- the lease ends and another dispatcher takes them. `attempts` counts claims
 -- and fences outcomes: only the claim that made it may record one.
 -- `notice`: the last attempt sent a notice (topic and seq) instead of the event.
+-- `host`: the subscription's push-service host, copied so that a claim (which
+-- limits each host) reads this table's due index alone.
 CREATE TABLE rt_push_deliveries (
     id              bigserial PRIMARY KEY,
     subscription_id text NOT NULL REFERENCES rt_push_subscriptions (id) ON DELETE CASCADE,
     topic           text NOT NULL,
     seq             bigint NOT NULL,
+    host            text NOT NULL,
     state           text NOT NULL DEFAULT 'pending',
     attempts        integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
@@ -53,7 +56,9 @@ CREATE TABLE rt_push_deliveries (
     UNIQUE (subscription_id, topic, seq)
 );
 
-CREATE INDEX rt_push_deliveries_due ON rt_push_deliveries (next_attempt_at)
+-- In the claim's order, so a claim reads due rows in order and stops at its
+-- limit instead of sorting the whole backlog.
+CREATE INDEX rt_push_deliveries_due ON rt_push_deliveries (next_attempt_at, id)
     WHERE state = 'pending';
 CREATE INDEX rt_push_deliveries_finished ON rt_push_deliveries (updated_at)
     WHERE state <> 'pending';

@@ -41,6 +41,7 @@ CREATE TABLE rt_push_deliveries (
     subscription_id TEXT NOT NULL REFERENCES rt_push_subscriptions (id) ON DELETE CASCADE,
     topic           TEXT NOT NULL,
     seq             INTEGER NOT NULL,
+    host            TEXT NOT NULL, -- the subscription's, for per-host claims
     state           TEXT NOT NULL DEFAULT 'pending',
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_us INTEGER NOT NULL, -- microseconds since the Unix epoch
@@ -53,7 +54,7 @@ CREATE TABLE rt_push_deliveries (
     UNIQUE (subscription_id, topic, seq)
 );
 
-CREATE INDEX rt_push_deliveries_due ON rt_push_deliveries (next_attempt_us)
+CREATE INDEX rt_push_deliveries_due ON rt_push_deliveries (next_attempt_us, id)
     WHERE state = 'pending';
 CREATE INDEX rt_push_deliveries_finished ON rt_push_deliveries (updated_us)
     WHERE state <> 'pending';

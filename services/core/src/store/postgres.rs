@@ -604,9 +604,10 @@ impl Store for PgStore {
         let step = (i64::from(max_rows) / followers.max(1)).clamp(1, 1000);
         let upto = last.min(progress + step);
         let created = sqlx::query(
-            "INSERT INTO rt_push_deliveries (subscription_id, topic, seq)
-             SELECT t.subscription_id, e.topic, e.seq
+            "INSERT INTO rt_push_deliveries (subscription_id, topic, seq, host)
+             SELECT t.subscription_id, e.topic, e.seq, s.host
              FROM rt_events e JOIN rt_push_topics t ON t.topic = e.topic AND t.after_seq < e.seq
+             JOIN rt_push_subscriptions s ON s.id = t.subscription_id
              WHERE e.topic = $1 AND e.seq > $2 AND e.seq <= $3
              ORDER BY e.seq, t.subscription_id
              ON CONFLICT DO NOTHING",
@@ -639,13 +640,12 @@ impl Store for PgStore {
         // then claimed (the other candidates' locks end with the statement).
         let rows = sqlx::query(
             "WITH candidates AS (
-                 SELECT d.id, s.host FROM rt_push_deliveries d
-                 JOIN rt_push_subscriptions s ON s.id = d.subscription_id
+                 SELECT d.id, d.host FROM rt_push_deliveries d
                  WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-                   AND s.host <> ALL($1)
+                   AND d.host <> ALL($1)
                  ORDER BY d.next_attempt_at, d.id
                  LIMIT $2
-                 FOR UPDATE OF d SKIP LOCKED
+                 FOR UPDATE SKIP LOCKED
              ), ranked AS (
                  SELECT id, host, row_number() OVER (PARTITION BY host ORDER BY id) AS rank
                  FROM candidates

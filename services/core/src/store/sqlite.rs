@@ -577,9 +577,10 @@ impl Store for SqliteStore {
         let upto = last.min(progress + step);
         let created = sqlx::query(
             "INSERT INTO rt_push_deliveries
-                 (subscription_id, topic, seq, next_attempt_us, created_us, updated_us)
-             SELECT t.subscription_id, e.topic, e.seq, ?4, ?4, ?4
+                 (subscription_id, topic, seq, host, next_attempt_us, created_us, updated_us)
+             SELECT t.subscription_id, e.topic, e.seq, s.host, ?4, ?4, ?4
              FROM rt_events e JOIN rt_push_topics t ON t.topic = e.topic AND t.after_seq < e.seq
+             JOIN rt_push_subscriptions s ON s.id = t.subscription_id
              WHERE e.topic = ?1 AND e.seq > ?2 AND e.seq <= ?3
              ORDER BY e.seq, t.subscription_id
              ON CONFLICT DO NOTHING",
@@ -621,10 +622,9 @@ impl Store for SqliteStore {
                  SELECT id FROM (
                      SELECT c.id, row_number() OVER (PARTITION BY c.host ORDER BY c.id) AS rank
                      FROM (
-                         SELECT d.id, s.host FROM rt_push_deliveries d
-                         JOIN rt_push_subscriptions s ON s.id = d.subscription_id
+                         SELECT d.id, d.host FROM rt_push_deliveries d
                          WHERE d.state = 'pending' AND d.next_attempt_us <= ?1
-                           AND s.host NOT IN (SELECT value FROM json_each(?2))
+                           AND d.host NOT IN (SELECT value FROM json_each(?2))
                          ORDER BY d.next_attempt_us, d.id
                          LIMIT ?5
                      ) c
