@@ -93,6 +93,11 @@ impl ServiceProcess {
             * 1024
     }
 
+    /// What it logged since the last call (stdout and stderr lines).
+    pub fn take_log(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

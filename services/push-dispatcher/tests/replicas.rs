@@ -22,6 +22,8 @@ const SUBSCRIPTIONS: usize = 50;
 const EVENTS: usize = 1000;
 /// Batch size of the publishes.
 const BATCH: usize = 50;
+/// In every event's data: must never show up in a dispatcher's log.
+const SECRET: &str = "payload-9f2c41d7";
 
 fn topic(i: usize) -> String {
     format!("t{}", i % TOPICS)
@@ -33,7 +35,7 @@ async fn publish_phase(http: &reqwest::Client, base: &str, phase: u32) -> Vec<(S
     let mut published = Vec::with_capacity(EVENTS);
     for start in (0..EVENTS).step_by(BATCH) {
         let batch: Vec<Value> = (start..start + BATCH)
-            .map(|i| json!({"topic": topic(i), "data": {"phase": phase, "i": i}}))
+            .map(|i| json!({"topic": topic(i), "data": {"phase": phase, "i": i, "secret": SECRET}}))
             .collect();
         let res = http
             .post(format!("{base}/v1/events"))
@@ -141,6 +143,7 @@ async fn two_dispatchers_share_the_work_and_a_killed_ones_work_is_taken_over() {
         ("RT_PUSH_REQUEST_TIMEOUT", "2s"),
         ("RT_PUSH_SWEEP_INTERVAL", "500ms"),
         ("RT_PUSH_RETRY_BASE", "200ms"),
+        ("RT_LOG", "rt_push_dispatcher=debug,rt_core=debug,info"),
     ];
     // The publisher (and the subscription routes) in this process; it runs no
     // dispatcher of its own.
@@ -251,5 +254,12 @@ async fn two_dispatchers_share_the_work_and_a_killed_ones_work_is_taken_over() {
         "{:?}",
         emulator.rejections()
     );
+    let log = one.take_log();
+    assert!(
+        log.iter().any(|l| l.contains("push dispatcher started")),
+        "the survivor's log was captured: {log:?}"
+    );
+    let leaks: Vec<&String> = log.iter().filter(|l| l.contains(SECRET)).collect();
+    assert!(leaks.is_empty(), "event data in the log: {leaks:?}");
     assert!(one.terminate().success());
 }
