@@ -34,7 +34,16 @@
 //! server (`rt-bench raw-server`, in a process of its own) writing the same
 //! pre-encoded SSE-shaped frame to 1,000 and 10,000 loopback sockets, with no
 //! protocol logic, so that the edges' figures can be given as a ratio of it.
+//!
+//! `rt-bench compare` runs `raw`, `sse` and `ws` in turn for the same
+//! connection counts (default 1,000, one run each), each as a child process
+//! of its own, one after the other, and reports every edge figure next to the
+//! ceiling's from the same invocation and as a ratio of it, against the
+//! project's targets: burst deliveries/s at least 0.5× the ceiling's at 1,000
+//! subscribers, latency p99 at most 2× the ceiling's, and at most 8 KiB per
+//! idle connection.
 
+mod compare;
 mod poll;
 mod publish;
 mod push;
@@ -73,6 +82,10 @@ enum Scenario {
     /// The raw ceiling: a minimal server writing one pre-encoded frame to N
     /// sockets, measured like `sse`, server in its own process.
     Raw(raw::Args),
+    /// The raw ceiling, SSE and WebSocket in turn, one process each, for the
+    /// same connection counts: the edges' figures as ratios of the ceiling's,
+    /// against the targets.
+    Compare(compare::Args),
     /// The raw ceiling's server (started by `raw`).
     #[command(hide = true)]
     RawServer(raw::ServerArgs),
@@ -88,5 +101,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Ws(args) => ws::run(args).await,
         Scenario::Raw(args) => raw::run(args).await,
         Scenario::RawServer(args) => raw::serve(args).await,
+        Scenario::Compare(args) => compare::run(args).await,
     }
 }

@@ -1,0 +1,594 @@
+//! The edges against the raw ceiling, in one invocation.
+//!
+//! `rt-bench compare` re-executes this binary three times per connection
+//! count, one child after the other (never at once: client and server already
+//! share the machine's cores): `rt-bench raw`, then `rt-bench sse`, then
+//! `rt-bench ws`, each with `--connections N --runs R --quiet` (and
+//! `--nats-url` / `--database-url` for the two edges when given). It reads the
+//! JSON lines the children print (other lines are skipped), and reports every
+//! edge figure next to the ceiling's from the same invocation, and as a ratio
+//! of it, against the project's targets:
+//!
+//! - burst deliveries/s at least 0.5× the ceiling's (at 1,000 connections);
+//! - latency p99 at most 2× the ceiling's;
+//! - idle memory at most 8 KiB per connection (the ceiling's shown next to it).
+//!
+//! A child that fails, or whose output lacks a needed JSON object, fails the
+//! comparison with its command line, exit status and the tail of its stderr.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead as _, BufReader, Read as _},
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use serde_json::{Map, Value, json};
+
+/// Lines of a child's stderr kept for an error message.
+const STDERR_TAIL: usize = 20;
+
+/// The techniques, in the order they run.
+const TECHNIQUES: [&str; 3] = ["raw", "sse", "ws"];
+
+/// Deliveries/s of an edge over the ceiling's: at least this.
+const DELIVERIES_TARGET: f64 = 0.5;
+/// The connection count the deliveries target is stated for.
+const DELIVERIES_TARGET_AT: usize = 1000;
+/// Latency p99 of an edge over the ceiling's: at most this.
+const P99_TARGET: f64 = 2.0;
+/// Idle memory of an edge, KiB per connection: at most this.
+const KIB_TARGET: f64 = 8.0;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Connection counts to compare at, comma-separated; raw, sse and ws run
+    /// in turn for each.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    connections: Vec<usize>,
+    /// Runs per connection count, passed to each scenario (each reports the
+    /// median of its runs).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// NATS URL for the edges under test (sse, ws); without it, their
+    /// in-process bus.
+    #[arg(long, env = "RT_BENCH_NATS_URL")]
+    nats_url: Option<String>,
+    /// Postgres server for the edges (sse, ws); without it, theirs by default.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The figures compared, for one technique at one connection count.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    bytes_per_conn: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    latency_server_cpu_secs: f64,
+    latency_bench_cpu_secs: f64,
+    deliveries_per_sec: f64,
+    burst_secs: f64,
+    server_cpu_secs: f64,
+    bench_cpu_secs: f64,
+    peak_rss_bytes: f64,
+    /// Wall-clock time of the child process.
+    elapsed_secs: f64,
+}
+
+impl Figures {
+    fn kib(&self) -> f64 {
+        self.bytes_per_conn / 1024.0
+    }
+
+    fn to_json(self) -> Value {
+        let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+        json!({
+            "kib_per_connection": r3(self.kib()),
+            "bytes_per_connection": self.bytes_per_conn.round() as i64,
+            "p50_ms": r3(self.p50_ms), "p99_ms": r3(self.p99_ms),
+            "p999_ms": r3(self.p999_ms), "max_ms": r3(self.max_ms),
+            "latency_server_cpu_secs": r3(self.latency_server_cpu_secs),
+            "latency_bench_cpu_secs": r3(self.latency_bench_cpu_secs),
+            "deliveries_per_sec": self.deliveries_per_sec.round() as u64,
+            "burst_secs": r3(self.burst_secs),
+            "burst_server_cpu_secs": r3(self.server_cpu_secs),
+            "burst_bench_cpu_secs": r3(self.bench_cpu_secs),
+            "peak_rss_bytes": self.peak_rss_bytes.round() as u64,
+            "elapsed_secs": r3(self.elapsed_secs),
+        })
+    }
+}
+
+/// One comparison line: an edge figure, possibly over the ceiling's, and its
+/// target if it has one.
+struct Check {
+    technique: &'static str,
+    /// Key in the JSON (`deliveries_per_sec_ratio`, ...).
+    key: &'static str,
+    /// Label in the table.
+    label: String,
+    /// `None` when the ceiling's figure is zero or below (no ratio).
+    value: Option<f64>,
+    /// A ratio (printed with `×`) or an absolute figure.
+    ratio: bool,
+    /// `(">=" or "<=", bound)`.
+    target: Option<(&'static str, f64)>,
+}
+
+impl Check {
+    fn met(&self) -> Option<bool> {
+        let (op, bound) = self.target?;
+        let value = self.value?;
+        Some(if op == ">=" {
+            value >= bound
+        } else {
+            value <= bound
+        })
+    }
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
+        "--connections must list counts of at least 1"
+    );
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
+    let bus = if args.nats_url.is_some() {
+        "nats"
+    } else {
+        "in-process"
+    };
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    for &n in &args.connections {
+        let mut figures = [Figures::default(); 3];
+        for (slot, technique) in figures.iter_mut().zip(TECHNIQUES) {
+            let child_args = child_args(&args, technique, n);
+            if !args.quiet {
+                eprintln!(
+                    "compare: {n} connections: running rt-bench {} ...",
+                    child_args.join(" ")
+                );
+            }
+            let exe = exe.clone();
+            let quiet = args.quiet;
+            let output =
+                tokio::task::spawn_blocking(move || run_child(&exe, technique, &child_args, quiet))
+                    .await??;
+            *slot = figures_of(&output, technique, n)?;
+            if !args.quiet {
+                eprintln!(
+                    "compare: {n} connections: {technique} done in {:.1} s \
+                     ({:.1} KiB/idle connection, p99 {:.2} ms, {} deliveries/s)",
+                    slot.elapsed_secs,
+                    slot.kib(),
+                    slot.p99_ms,
+                    thousands(slot.deliveries_per_sec)
+                );
+            }
+        }
+        reports.push((n, figures));
+    }
+    if !args.quiet {
+        eprintln!(
+            "compare: all done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    print_report(&args, bus, &reports);
+    Ok(())
+}
+
+/// The command line of one child, without the executable.
+fn child_args(args: &Args, technique: &str, n: usize) -> Vec<String> {
+    let mut out = vec![
+        technique.to_owned(),
+        "--connections".to_owned(),
+        n.to_string(),
+        "--runs".to_owned(),
+        args.runs.to_string(),
+        "--quiet".to_owned(),
+    ];
+    if technique != "raw" {
+        if let Some(url) = &args.nats_url {
+            out.extend(["--nats-url".to_owned(), url.clone()]);
+        }
+        if let Some(url) = &args.database_url {
+            out.extend(["--database-url".to_owned(), url.clone()]);
+        }
+    }
+    out
+}
+
+/// What one child printed: its JSON objects, and how long it took.
+struct ChildOutput {
+    command: String,
+    objects: Vec<Map<String, Value>>,
+    elapsed_secs: f64,
+}
+
+/// Runs `exe args` to its end (blocks). Its stderr is passed through, unless
+/// `quiet`, and its tail kept for an error; its stdout is parsed for JSON
+/// objects, one a line. Fails when it exits unsuccessfully.
+fn run_child(
+    exe: &Path,
+    technique: &str,
+    args: &[String],
+    quiet: bool,
+) -> anyhow::Result<ChildOutput> {
+    let command = format!("rt-bench {}", args.join(" "));
+    let started = Instant::now();
+    let mut child = Command::new(exe)
+        .args(args)
+        // Its error, not where in this binary it was made, is the useful
+        // part of its stderr tail.
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{command}` ({})", exe.display()))?;
+    let stderr = child.stderr.take();
+    let prefix = format!("  [{technique}] ");
+    // Read to the end on a thread of its own, so the child never blocks on
+    // a full pipe while its stdout is read here.
+    let tail = std::thread::spawn(move || {
+        let mut tail = VecDeque::with_capacity(STDERR_TAIL);
+        let Some(stderr) = stderr else {
+            return tail;
+        };
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !quiet {
+                eprintln!("{prefix}{line}");
+            }
+            if tail.len() == STDERR_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        tail
+    });
+    let mut stdout = String::new();
+    if let Some(mut pipe) = child.stdout.take() {
+        pipe.read_to_string(&mut stdout)
+            .with_context(|| format!("reading the output of `{command}`"))?;
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{command}`"))?;
+    let tail: Vec<String> = tail.join().unwrap_or_default().into();
+    let objects: Vec<Map<String, Value>> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if !status.success() {
+        let errors: Vec<&str> = objects
+            .iter()
+            .filter_map(|o| o.get("error").and_then(Value::as_str))
+            .collect();
+        anyhow::bail!(
+            "`{command}` failed ({status}){}\nits stderr, last {} lines:\n{}",
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", errors.join("; "))
+            },
+            tail.len(),
+            indent(&tail)
+        );
+    }
+    Ok(ChildOutput {
+        command,
+        objects,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn indent(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return "  (empty)".to_owned();
+    }
+    lines
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The figures of `technique` at `n` connections in a child's output.
+fn figures_of(output: &ChildOutput, technique: &str, n: usize) -> anyhow::Result<Figures> {
+    let find = |what: &str| -> anyhow::Result<&Map<String, Value>> {
+        let name = format!("{what}, {n} connections");
+        output
+            .objects
+            .iter()
+            .find(|o| {
+                o.get("scenario").and_then(Value::as_str) == Some(technique)
+                    && o.get("name").and_then(Value::as_str) == Some(name.as_str())
+            })
+            .with_context(|| {
+                format!(
+                    "`{}` exited successfully but printed no JSON object \
+                     {{\"scenario\":\"{technique}\",\"name\":\"{name}\"}} ({} JSON objects found)",
+                    output.command,
+                    output.objects.len()
+                )
+            })
+    };
+    let number = |o: &Map<String, Value>, key: &str| -> anyhow::Result<f64> {
+        o.get(key).and_then(Value::as_f64).with_context(|| {
+            format!(
+                "`{}`: no number {key:?} in {}",
+                output.command,
+                Value::Object(o.clone())
+            )
+        })
+    };
+    let (idle, latency, burst) = (find("idle memory")?, find("latency")?, find("saturation")?);
+    Ok(Figures {
+        bytes_per_conn: number(idle, "bytes_per_connection")?,
+        p50_ms: number(latency, "p50_ms")?,
+        p99_ms: number(latency, "p99_ms")?,
+        p999_ms: number(latency, "p999_ms")?,
+        max_ms: number(latency, "max_ms")?,
+        latency_server_cpu_secs: number(latency, "server_cpu_secs")?,
+        latency_bench_cpu_secs: number(latency, "bench_cpu_secs")?,
+        deliveries_per_sec: number(burst, "deliveries_per_sec")?,
+        burst_secs: number(burst, "secs")?,
+        server_cpu_secs: number(burst, "server_cpu_secs")?,
+        bench_cpu_secs: number(burst, "bench_cpu_secs")?,
+        peak_rss_bytes: number(burst, "peak_rss_bytes")?,
+        elapsed_secs: output.elapsed_secs,
+    })
+}
+
+/// `edge / raw`, when `raw` is above zero.
+fn ratio(edge: f64, raw: f64) -> Option<f64> {
+    (raw > 0.0).then(|| edge / raw)
+}
+
+/// The comparison lines of one edge against the ceiling, at `n` connections.
+fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> Vec<Check> {
+    let deliveries_target = (n == DELIVERIES_TARGET_AT).then_some((">=", DELIVERIES_TARGET));
+    vec![
+        Check {
+            technique,
+            key: "deliveries_per_sec_ratio",
+            label: format!("{technique}/raw burst deliveries/s"),
+            value: ratio(edge.deliveries_per_sec, raw.deliveries_per_sec),
+            ratio: true,
+            target: deliveries_target,
+        },
+        Check {
+            technique,
+            key: "p99_ratio",
+            label: format!("{technique}/raw latency p99"),
+            value: ratio(edge.p99_ms, raw.p99_ms),
+            ratio: true,
+            target: Some(("<=", P99_TARGET)),
+        },
+        Check {
+            technique,
+            key: "p50_ratio",
+            label: format!("{technique}/raw latency p50"),
+            value: ratio(edge.p50_ms, raw.p50_ms),
+            ratio: true,
+            target: None,
+        },
+        Check {
+            technique,
+            key: "kib_per_connection",
+            label: format!("{technique} KiB/idle conn (raw {:.1})", raw.kib()),
+            value: Some(edge.kib()),
+            ratio: false,
+            target: Some(("<=", KIB_TARGET)),
+        },
+        Check {
+            technique,
+            key: "kib_per_connection_ratio",
+            label: format!("{technique}/raw KiB/idle conn"),
+            value: ratio(edge.bytes_per_conn, raw.bytes_per_conn),
+            ratio: true,
+            target: None,
+        },
+        Check {
+            technique,
+            key: "burst_server_cpu_ratio",
+            label: format!("{technique}/raw burst server CPU s"),
+            value: ratio(edge.server_cpu_secs, raw.server_cpu_secs),
+            ratio: true,
+            target: None,
+        },
+    ]
+}
+
+/// `1234567.8` → `1,234,568`.
+fn thousands(v: f64) -> String {
+    let digits = (v.round().max(0.0) as u64).to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
+    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    let order = TECHNIQUES.join(", ");
+    println!(
+        "\nEdges against the raw ceiling: each scenario in a child process of its own, \
+         one after the other (order: {order}), {} run{} each (median), edges on the {bus} bus",
+        args.runs,
+        if args.runs == 1 { "" } else { "s" }
+    );
+    for (n, figures) in reports {
+        let n = *n;
+        println!("\n{n} connections: absolute figures");
+        println!(
+            "{:<10} {:>14} {:>8} {:>8} {:>14} {:>20} {:>19} {:>8}",
+            "technique",
+            "KiB/idle conn",
+            "p50 ms",
+            "p99 ms",
+            "deliveries/s",
+            "burst server CPU s",
+            "burst bench CPU s",
+            "wall s"
+        );
+        for (technique, f) in TECHNIQUES.iter().zip(figures) {
+            println!(
+                "{technique:<10} {:>14.2} {:>8.2} {:>8.2} {:>14} {:>20.2} {:>19.2} {:>8.1}",
+                f.kib(),
+                f.p50_ms,
+                f.p99_ms,
+                thousands(f.deliveries_per_sec),
+                f.server_cpu_secs,
+                f.bench_cpu_secs,
+                f.elapsed_secs
+            );
+        }
+        let [raw, sse, ws] = figures;
+        let all: Vec<Check> = checks("sse", sse, raw, n)
+            .into_iter()
+            .chain(checks("ws", ws, raw, n))
+            .collect();
+        println!(
+            "\n{n} connections: edge against raw (deliveries/s: higher is better; \
+             latency, memory, CPU: lower is better)"
+        );
+        println!(
+            "{:<36} {:>9} {:>9} {:>8}",
+            "figure", "value", "target", "met"
+        );
+        for c in &all {
+            let value = match (c.value, c.ratio) {
+                (None, _) => "n/a".to_owned(),
+                (Some(v), true) => format!("{v:.2}×"),
+                (Some(v), false) => format!("{v:.1}"),
+            };
+            let target = match (c.target, c.ratio) {
+                (None, _) => "-".to_owned(),
+                (Some((op, bound)), ratio) => {
+                    let op = if op == ">=" { "≥" } else { "≤" };
+                    format!("{op} {bound}{}", if ratio { "×" } else { "" })
+                }
+            };
+            let met = match c.met() {
+                Some(true) => "met",
+                Some(false) => "NOT MET",
+                None => "-",
+            };
+            println!("{:<36} {value:>9} {target:>9} {met:>8}", c.label);
+        }
+        if n != DELIVERIES_TARGET_AT {
+            println!(
+                "(the deliveries/s target, ≥ {DELIVERIES_TARGET}× raw, is stated at \
+                 {DELIVERIES_TARGET_AT} connections only)"
+            );
+        }
+
+        let mut ratios = Map::new();
+        for technique in ["sse", "ws"] {
+            let fields: Map<String, Value> = all
+                .iter()
+                .filter(|c| c.technique == technique && c.ratio)
+                .map(|c| (c.key.to_owned(), c.value.map(r3).into()))
+                .collect();
+            ratios.insert(technique.to_owned(), fields.into());
+        }
+        let targets: Vec<Value> = all
+            .iter()
+            .filter_map(|c| {
+                let (op, bound) = c.target?;
+                Some(json!({
+                    "technique": c.technique, "figure": c.key,
+                    "value": c.value.map(r3), "target": format!("{op} {bound}"),
+                    "met": c.met(),
+                }))
+            })
+            .collect();
+        let line = json!({
+            "scenario": "compare", "name": format!("compare, {n} connections"),
+            "connections": n, "runs": args.runs, "bus": bus,
+            "order": TECHNIQUES,
+            "raw": raw.to_json(), "sse": sse.to_json(), "ws": ws.to_json(),
+            "ratios": ratios, "targets": targets,
+            "all_targets_met": targets.iter().all(|t| t["met"] == true),
+        });
+        println!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(4_690_123.0), "4,690,123");
+    }
+
+    #[test]
+    fn figures_are_read_from_json_lines() {
+        let lines = [
+            r#"{"scenario":"raw","name":"idle memory, 10 connections","bytes_per_connection":2048}"#,
+            r#"{"scenario":"raw","name":"latency, 10 connections","p50_ms":1.5,"p99_ms":3.0,"p999_ms":3.5,"max_ms":4.0,"server_cpu_secs":0.1,"bench_cpu_secs":0.2}"#,
+            r#"{"scenario":"raw","name":"saturation, 10 connections","deliveries_per_sec":1000,"secs":2.0,"server_cpu_secs":0.3,"bench_cpu_secs":0.4,"peak_rss_bytes":1048576}"#,
+        ];
+        let output = ChildOutput {
+            command: "rt-bench raw".to_owned(),
+            objects: lines
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            elapsed_secs: 1.0,
+        };
+        let f = figures_of(&output, "raw", 10).unwrap_or_default();
+        assert!((f.kib() - 2.0).abs() < 1e-9);
+        assert!((f.p99_ms - 3.0).abs() < 1e-9);
+        assert!((f.deliveries_per_sec - 1000.0).abs() < 1e-9);
+        assert!(figures_of(&output, "raw", 11).is_err());
+        assert!(figures_of(&output, "sse", 10).is_err());
+    }
+
+    #[test]
+    fn targets_compare_in_the_right_direction() {
+        let raw = Figures {
+            bytes_per_conn: 2048.0,
+            p99_ms: 10.0,
+            deliveries_per_sec: 1000.0,
+            ..Figures::default()
+        };
+        let edge = Figures {
+            bytes_per_conn: 13.0 * 1024.0,
+            p99_ms: 18.0,
+            deliveries_per_sec: 600.0,
+            ..Figures::default()
+        };
+        let c = checks("sse", &edge, &raw, 1000);
+        let met = |key: &str| c.iter().find(|c| c.key == key).and_then(Check::met);
+        assert_eq!(met("deliveries_per_sec_ratio"), Some(true));
+        assert_eq!(met("p99_ratio"), Some(true));
+        assert_eq!(met("kib_per_connection"), Some(false));
+        assert_eq!(met("p50_ratio"), None);
+        let c = checks("sse", &edge, &raw, 10);
+        assert_eq!(c[0].met(), None);
+    }
+}
