@@ -11,47 +11,29 @@ use rt_core::{
         PgStore, PushUpsert, SqliteStore, Store,
     },
 };
+use rt_tests::{TempDir, TestDb};
 use serde_json::value::RawValue;
-use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
-
-const HOW_TO_START: &str = "start PostgreSQL with `bash scripts/services.sh`";
-
-/// The Postgres server the test databases are created on.
-fn postgres_admin_url() -> String {
-    std::env::var("RT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+use sqlx::{Connection, SqliteConnection};
 
 /// Where a store under test keeps its data; removed when dropped.
 enum Backend {
-    Postgres {
-        admin: String,
-        url: String,
-        name: String,
-    },
-    Sqlite {
-        path: PathBuf,
-    },
+    Postgres(TestDb),
+    Sqlite(TempDir),
 }
 
 impl Backend {
     /// Rows of `table` that belong to subscription `id`, read directly.
     async fn count_for(&self, table: &str, id: &str) -> i64 {
         match self {
-            Backend::Postgres { url, .. } => {
-                let mut conn = PgConnection::connect(url)
-                    .await
-                    .expect("connect to test db");
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "SELECT count(*) FROM {table} WHERE subscription_id = $1"
-                )))
-                .bind(id)
-                .fetch_one(&mut conn)
-                .await
-                .expect("count rows")
-            }
-            Backend::Sqlite { path } => {
-                let url = format!("sqlite://{}", path.display());
+            Backend::Postgres(db) => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table} WHERE subscription_id = $1"
+            )))
+            .bind(id)
+            .fetch_one(&mut db.connect().await)
+            .await
+            .expect("count rows"),
+            Backend::Sqlite(dir) => {
+                let url = format!("sqlite://{}", sqlite_file(dir).display());
                 let mut conn = SqliteConnection::connect(&url)
                     .await
                     .expect("open test file");
@@ -67,37 +49,8 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
-    fn drop(&mut self) {
-        match self {
-            Backend::Postgres { admin, name, .. } => {
-                let (admin, name) = (admin.clone(), name.clone());
-                // Drop runs inside the test's runtime: use a thread with its own.
-                let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    rt.block_on(async {
-                        let mut conn = PgConnection::connect(&admin).await?;
-                        conn.execute(sqlx::AssertSqlSafe(format!(
-                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                        )))
-                        .await?;
-                        Ok::<_, sqlx::Error>(())
-                    })
-                    .map_err(std::io::Error::other)
-                })
-                .join();
-            }
-            Backend::Sqlite { path } => {
-                for suffix in ["", "-wal", "-shm"] {
-                    let mut file = path.clone().into_os_string();
-                    file.push(suffix);
-                    let _ = std::fs::remove_file(file);
-                }
-            }
-        }
-    }
+fn sqlite_file(dir: &TempDir) -> PathBuf {
+    dir.0.join("store.sqlite3")
 }
 
 /// A store under test and where its data lives.
@@ -108,44 +61,26 @@ struct Fixture {
 }
 
 async fn postgres() -> Fixture {
-    let admin = postgres_admin_url();
-    let mut conn = PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {admin}: {e}; {HOW_TO_START}"));
-    let name = format!("rt_store_{}", uuid::Uuid::new_v4().simple());
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .expect("create test database");
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-    let url = format!("{base}/{name}");
-    let backend = Backend::Postgres {
-        admin: admin.clone(),
-        url: url.clone(),
-        name,
-    };
-    let store = PgStore::connect(&url, 4, Duration::from_secs(5), Duration::from_secs(10))
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url, 4, Duration::from_secs(5), Duration::from_secs(10))
         .await
         .expect("open the Postgres store");
     Fixture {
         kind: "postgres",
         store: Box::new(store),
-        backend,
+        backend: Backend::Postgres(db),
     }
 }
 
 async fn sqlite() -> Fixture {
-    let path = std::env::temp_dir().join(format!(
-        "rt_store_{}.sqlite3",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let backend = Backend::Sqlite { path: path.clone() };
-    let store = SqliteStore::open_file(&path, Duration::from_secs(5))
+    let dir = TempDir::new();
+    let store = SqliteStore::open_file(&sqlite_file(&dir), Duration::from_secs(5))
         .await
         .expect("open the SQLite store");
     Fixture {
         kind: "sqlite",
         store: Box::new(store),
-        backend,
+        backend: Backend::Sqlite(dir),
     }
 }
 
