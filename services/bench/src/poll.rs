@@ -22,18 +22,12 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 
+use crate::server::Services;
+
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Postgres server to benchmark against (a database is created and dropped).
-    #[arg(
-        long,
-        env = "RT_BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    /// NATS URL; without it the in-process bus is used.
-    #[arg(long, env = "RT_BENCH_NATS_URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    services: Services,
     /// Concurrent long-poll loops on the one topic.
     #[arg(long, default_value_t = 1000)]
     waiters: usize,
@@ -116,11 +110,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
 
     // A database of the bench's own, dropped at the end.
-    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
     let settings = Settings {
         bind: "127.0.0.1:0".into(),
         database_url: Some(db.url.clone()),
-        nats_url: args.nats_url.clone(),
+        nats_url: args.services.nats_url.clone(),
         nats_prefix: format!("bench{}", uuid::Uuid::new_v4().simple()),
         ..Settings::default()
     };
@@ -345,11 +339,7 @@ fn now_us() -> u64 {
 
 /// The median of every figure, each taken on its own over the runs.
 fn medians(runs: &[Figure]) -> Figure {
-    let median = |get: fn(&Figure) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(get).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
         p50_ms: median(|f| f.p50_ms),
         p90_ms: median(|f| f.p90_ms),
@@ -401,7 +391,7 @@ fn print_report(args: &Args, f: &Figure) {
             "publish_p50_ms": r3(f.publish_p50_ms), "secs": r3(f.secs),
             "waiters": args.waiters, "events": args.events, "interval_ms": args.interval_ms,
             "limit": args.limit, "wait": args.wait, "runs": args.runs.max(1),
-            "bus": if args.nats_url.is_some() { "nats" } else { "in-process" },
+            "bus": args.services.bus(),
         })
     );
 }

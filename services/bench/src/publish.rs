@@ -17,18 +17,12 @@ use rt_core::{Context, config::Settings, server::Application};
 use serde_json::json;
 use sqlx::{Executor, postgres::PgPoolOptions};
 
+use crate::server::Services;
+
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Postgres server to benchmark against (a database is created and dropped).
-    #[arg(
-        long,
-        env = "RT_BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    /// NATS URL; without it the in-process bus is used.
-    #[arg(long, env = "RT_BENCH_NATS_URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    services: Services,
     /// Events per measured run.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
@@ -65,7 +59,7 @@ struct Figure {
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // A database of the bench's own, dropped at the end.
-    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
     let mut figures = Vec::new();
 
     let raw = median(&args, "raw batched INSERT", |_| raw_insert(&db.url, &args)).await?;
@@ -74,7 +68,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let settings = Settings {
         bind: "127.0.0.1:0".into(),
         database_url: Some(db.url.clone()),
-        nats_url: args.nats_url.clone(),
+        nats_url: args.services.nats_url.clone(),
         nats_prefix: format!("bench{}", uuid::Uuid::new_v4().simple()),
         commit_workers: args.commit_workers,
         ..Settings::default()

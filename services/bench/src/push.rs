@@ -35,20 +35,12 @@ use rt_tests::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::server::{cpu_secs, now_us};
+use crate::server::{Services, cpu_secs, now_us};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Postgres server to benchmark against (a database is created and dropped).
-    #[arg(
-        long,
-        env = "RT_BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    /// NATS URL; without it the in-process bus is used.
-    #[arg(long, env = "RT_BENCH_NATS_URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    services: Services,
     /// Push subscriptions on the one topic (fresh ones every run).
     #[arg(long, default_value_t = 10_000)]
     subscriptions: usize,
@@ -190,11 +182,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // A database of the bench's own, dropped with the app at the end.
-    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
     let settings = Settings {
         bind: "127.0.0.1:0".into(),
         database_url: Some(db.url.clone()),
-        nats_url: args.nats_url.clone(),
+        nats_url: args.services.nats_url.clone(),
         nats_prefix: format!("bench{}", uuid::Uuid::new_v4().simple()),
         // The emulator is plain http on loopback.
         push_allow_insecure_endpoints: true,
@@ -540,11 +532,7 @@ fn machine_busy_secs() -> anyhow::Result<f64> {
 
 /// The median of every figure, each taken on its own over the runs.
 fn medians(runs: &[Figure]) -> Figure {
-    let median = |get: fn(&Figure) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(get).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
         registered_per_sec: median(|f| f.registered_per_sec),
         deliveries_per_sec: median(|f| f.deliveries_per_sec),
@@ -571,11 +559,7 @@ fn cores() -> usize {
 
 fn print_report(args: &Args, f: &Figure) {
     let name = format!("{} subscriptions on one topic", args.subscriptions);
-    let bus = if args.nats_url.is_some() {
-        "nats"
-    } else {
-        "in-process"
-    };
+    let bus = args.services.bus();
     println!(
         "\nWeb Push delivery: {} events × {} subscriptions to the push-service emulator, \
          push concurrency {}, per host {}, {bus} bus, median of {} runs (each figure on its own); \

@@ -621,11 +621,7 @@ async fn open(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(TcpStream, us
 
 /// The median of every figure, each taken on its own over the runs.
 fn medians(runs: &[Figure]) -> Figure {
-    let median = |get: fn(&Figure) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(get).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
         open_secs: median(|f| f.open_secs),
         rss_before: median(|f| f.rss_before),

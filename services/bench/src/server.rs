@@ -397,3 +397,37 @@ mod tests {
         );
     }
 }
+
+/// Where the services under test keep their log and bus: the arguments every
+/// scenario that runs them shares.
+#[derive(clap::Args)]
+pub(crate) struct Services {
+    /// Postgres server to benchmark against (a database is created and dropped).
+    #[arg(
+        long,
+        env = "RT_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub(crate) database_url: String,
+    /// NATS URL for the services under test; without it, their in-process bus.
+    #[arg(long, env = "RT_BENCH_NATS_URL")]
+    pub(crate) nats_url: Option<String>,
+}
+
+impl Services {
+    /// The bus, as the reports name it.
+    pub(crate) fn bus(&self) -> &'static str {
+        if self.nats_url.is_some() {
+            "nats"
+        } else {
+            "in-process"
+        }
+    }
+}
+
+/// The median of one figure over several runs.
+pub(crate) fn median<T>(runs: &[T], get: impl Fn(&T) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(get).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

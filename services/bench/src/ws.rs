@@ -54,22 +54,14 @@ use tokio_tungstenite::{
 };
 
 use crate::server::{
-    Drops, Msg, Server, cpu_secs, gather, now_us, open_files_limit, publish_at_rate, publish_burst,
-    publisher_client, server_binary,
+    Drops, Msg, Server, Services, cpu_secs, gather, now_us, open_files_limit, publish_at_rate,
+    publish_burst, publisher_client, server_binary,
 };
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Postgres server to benchmark against (a database is created and dropped).
-    #[arg(
-        long,
-        env = "RT_BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    /// NATS URL for the server under test; without it, its in-process bus.
-    #[arg(long, env = "RT_BENCH_NATS_URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    services: Services,
     /// WebSocket counts to measure, comma-separated; all on one topic.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     connections: Vec<usize>,
@@ -238,7 +230,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // A database of the bench's own, dropped at the end.
-    let db = rt_tests::TestDb::create_on(&args.database_url).await;
+    let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
     let mut results = Vec::new();
     for &n in &args.connections {
         let mut runs = Vec::new();
@@ -342,7 +334,7 @@ async fn one_run(
         ("RT_WS_PUBLISH_RATE", "1000000".to_owned()),
         ("RT_LOG_FORMAT", "text".to_owned()),
     ];
-    if let Some(url) = &args.nats_url {
+    if let Some(url) = &args.services.nats_url {
         env.push(("RT_NATS_URL", url.clone()));
         env.push((
             "RT_NATS_PREFIX",
@@ -802,11 +794,7 @@ async fn publish_and_wait(
 
 /// The median of every figure, each taken on its own over the runs.
 fn medians(runs: &[Figure]) -> Figure {
-    let median = |get: fn(&Figure) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(get).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
         open_secs: median(|f| f.open_secs),
         rss_before: median(|f| f.rss_before),
@@ -837,11 +825,7 @@ fn medians(runs: &[Figure]) -> Figure {
 }
 
 fn print_report(args: &Args, results: &[Outcome]) {
-    let bus = if args.nats_url.is_some() {
-        "nats"
-    } else {
-        "in-process"
-    };
+    let bus = args.services.bus();
     let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
     let mib = |v: f64| v / (1024.0 * 1024.0);
     let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
