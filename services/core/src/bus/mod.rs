@@ -71,5 +71,10 @@ pub trait Bus: Send + Sync + 'static {
 
 /// The NATS subject of a topic's events: `<prefix>.events.<topic>`.
 pub fn subject(prefix: &str, topic: &Topic) -> String {
-    format!("{prefix}.events.{topic}")
+    format!("{}{topic}", events_prefix(prefix))
+}
+
+/// What every event subject starts with: `<prefix>.events.`.
+pub(crate) fn events_prefix(prefix: &str) -> String {
+    format!("{prefix}.events.")
 }

@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
 
-use super::{Bus, BusError, BusSignal, BusStream, TopicStream, TraceHeaders, subject};
+use super::{
+    Bus, BusError, BusSignal, BusStream, TopicStream, TraceHeaders, events_prefix, subject,
+};
 use crate::{
     event::{Event, Topic},
     proto,
@@ -104,7 +106,7 @@ impl Bus for NatsBus {
     }
 
     async fn watch(&self) -> Result<TopicStream, BusError> {
-        let prefix = format!("{}.events.", self.prefix);
+        let prefix = events_prefix(&self.prefix);
         let sub = self
             .client
             .subscribe(format!("{prefix}>"))
