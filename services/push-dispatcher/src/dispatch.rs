@@ -145,7 +145,7 @@ enum Verdict {
     Gone {
         status: u16,
     },
-    /// 429, 5xx or no answer: try again after `after`.
+    /// 429, 5xx or no answer: try again, not before `retry_after`.
     Retry {
         status: Option<u16>,
         error: String,
@@ -183,7 +183,6 @@ struct Engine {
     send_wake: Notify,
     /// Cached `Authorization` values by origin, with when to renew them.
     vapid: Mutex<HashMap<String, (String, Instant)>>,
-    default_ttl: u32,
 }
 
 impl Engine {
@@ -207,7 +206,6 @@ impl Engine {
         Ok(Engine {
             metrics: PushMetrics::new(&ctx)?,
             global: Arc::new(Semaphore::new(settings.push_concurrency as usize)),
-            default_ttl: settings.push_ttl.as_secs().min(u64::from(u32::MAX)) as u32,
             keys,
             owner,
             client,
@@ -517,7 +515,7 @@ impl Engine {
                 };
             }
         };
-        let options = event_options(d.push.as_ref(), self.default_ttl, &self.ctx.settings);
+        let options = event_options(d.push.as_ref(), &self.ctx.settings);
         let mut request = self
             .client
             .post(&d.endpoint)
@@ -744,9 +742,10 @@ struct Effective<'a> {
 
 fn event_options<'a>(
     options: Option<&'a PushOptions>,
-    default_ttl: u32,
     settings: &'a rt_core::config::Settings,
 ) -> Effective<'a> {
+    // `check_settings` keeps --push-ttl within 28 days.
+    let default_ttl = settings.push_ttl.as_secs().min(u64::from(u32::MAX)) as u32;
     Effective {
         ttl: options.and_then(|o| o.ttl).unwrap_or(default_ttl),
         urgency: options
