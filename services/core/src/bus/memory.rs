@@ -66,39 +66,13 @@ impl Bus for MemoryBus {
                 .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
                 .subscribe()
         };
-        let signals = self.signals.clone();
-        Ok(Box::pin(stream::unfold(
-            (rx, signals),
-            |(mut rx, signals)| async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(event) => return Some((event, (rx, signals))),
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            let _ = signals.send(BusSignal::SlowConsumer);
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            },
-        )))
+        Ok(Box::pin(receive(rx, self.signals.clone())))
     }
 
     async fn watch(&self) -> Result<TopicStream, BusError> {
-        let rx = self.all.subscribe();
-        let signals = self.signals.clone();
-        Ok(Box::pin(stream::unfold(
-            (rx, signals),
-            |(mut rx, signals)| async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(topic) => return Some((topic, (rx, signals))),
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            let _ = signals.send(BusSignal::SlowConsumer);
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            },
+        Ok(Box::pin(receive(
+            self.all.subscribe(),
+            self.signals.clone(),
         )))
     }
 
@@ -113,4 +87,23 @@ impl Bus for MemoryBus {
     fn kind(&self) -> &'static str {
         "memory"
     }
+}
+
+/// What `rx` receives, as a stream; a receiver that fell behind skips what
+/// it lost and says so on `signals`, as NATS reports a slow consumer.
+fn receive<T: Clone + Send + 'static>(
+    rx: broadcast::Receiver<T>,
+    signals: broadcast::Sender<BusSignal>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    stream::unfold((rx, signals), |(mut rx, signals)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(item) => return Some((item, (rx, signals))),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = signals.send(BusSignal::SlowConsumer);
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
