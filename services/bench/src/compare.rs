@@ -52,6 +52,9 @@ pub(crate) struct Args {
     /// median of its runs).
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Events (frames) per second in the latency scenario, passed to each.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
     /// NATS URL for the edges under test (sse, ws); without it, their
     /// in-process bus.
     #[arg(long, env = "RT_BENCH_NATS_URL")]
@@ -141,6 +144,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         "--connections must list counts of at least 1"
     );
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
     let bus = if args.nats_url.is_some() {
         "nats"
@@ -196,6 +200,8 @@ fn child_args(args: &Args, technique: &str, n: usize) -> Vec<String> {
         n.to_string(),
         "--runs".to_owned(),
         args.runs.to_string(),
+        "--rate".to_owned(),
+        args.rate.to_string(),
         "--quiet".to_owned(),
     ];
     if technique != "raw" {
@@ -431,9 +437,11 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
     let order = TECHNIQUES.join(", ");
     println!(
         "\nEdges against the raw ceiling: each scenario in a child process of its own, \
-         one after the other (order: {order}), {} run{} each (median), edges on the {bus} bus",
+         one after the other (order: {order}), {} run{} each (median), edges on the {bus} bus, \
+         latency at {} events/s",
         args.runs,
-        if args.runs == 1 { "" } else { "s" }
+        if args.runs == 1 { "" } else { "s" },
+        args.rate
     );
     for (n, figures) in reports {
         let n = *n;
@@ -523,7 +531,7 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
             .collect();
         let line = json!({
             "scenario": "compare", "name": format!("compare, {n} connections"),
-            "connections": n, "runs": args.runs, "bus": bus,
+            "connections": n, "runs": args.runs, "rate": args.rate, "bus": bus,
             "order": TECHNIQUES,
             "raw": raw.to_json(), "sse": sse.to_json(), "ws": ws.to_json(),
             "ratios": ratios, "targets": targets,

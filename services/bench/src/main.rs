@@ -50,6 +50,7 @@ mod push;
 mod raw;
 mod server;
 mod sse;
+mod sse_client;
 mod ws;
 
 use clap::{Parser, Subcommand};

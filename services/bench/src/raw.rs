@@ -24,7 +24,6 @@
 //! deliveries per second under a burst.
 
 use std::{
-    net::SocketAddr,
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -37,17 +36,18 @@ use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{
-        Mutex, Semaphore, broadcast,
-        mpsc::{UnboundedSender, unbounded_channel},
-    },
+    sync::{Mutex, Semaphore, broadcast, mpsc::unbounded_channel},
     task::JoinSet,
 };
 
 use crate::server::{Msg, Server, cpu_secs, gather, now_us, open_files_limit, publisher_client};
+use crate::sse_client::{Plan, follow};
 
 /// The response head of a stream.
-const STREAM_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+/// The response head of a stream: chunked, as the edge's, so that the bench
+/// reads both with the same code.
+const STREAM_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -185,29 +185,22 @@ async fn connection(
                 let Ok(frame) = rx.recv().await else {
                     return Ok(());
                 };
-                if coalesce == 1 {
-                    socket.write_all(&frame).await?;
-                    continue;
-                }
-                match rx.try_recv() {
-                    Err(broadcast::error::TryRecvError::Empty) => {
-                        socket.write_all(&frame).await?;
+                // One HTTP chunk per write, as the edge's body chunks.
+                buf.clear();
+                buf.extend_from_slice(b"0000\r\n");
+                buf.extend_from_slice(&frame);
+                for _ in 1..coalesce {
+                    match rx.try_recv() {
+                        Ok(more) => buf.extend_from_slice(&more),
+                        Err(broadcast::error::TryRecvError::Empty) => break,
+                        Err(_) => return Ok(()),
                     }
-                    Ok(second) => {
-                        buf.clear();
-                        buf.extend_from_slice(&frame);
-                        buf.extend_from_slice(&second);
-                        for _ in 2..coalesce {
-                            match rx.try_recv() {
-                                Ok(more) => buf.extend_from_slice(&more),
-                                Err(broadcast::error::TryRecvError::Empty) => break,
-                                Err(_) => return Ok(()),
-                            }
-                        }
-                        socket.write_all(&buf).await?;
-                    }
-                    Err(_) => return Ok(()),
                 }
+                let size = buf.len() - 6;
+                anyhow::ensure!(size <= 0xffff, "a chunk of {size} bytes: lower --coalesce");
+                buf[..4].copy_from_slice(format!("{size:04x}").as_bytes());
+                buf.extend_from_slice(b"\r\n");
+                socket.write_all(&buf).await?;
             }
         }
         ("POST", "/rate" | "/burst") => {
@@ -264,22 +257,6 @@ fn frame(seq: u64, sent_us: u64) -> Bytes {
         "id: raw:{seq}\nevent: message\ndata: {{\"topic\":\"raw\",\"seq\":{seq},\"type\":\"message\",\
          \"data\":{{\"sent_us\":{sent_us}}},\"time\":\"2026-11-28T12:00:00.000000Z\"}}\n\n"
     ))
-}
-
-/// The seq and `sent_us` of one frame (without its blank line).
-fn parse_frame(frame: &[u8]) -> Option<(u64, u64)> {
-    let rest = frame.strip_prefix(b"id: raw:")?;
-    let nl = rest.iter().position(|&b| b == b'\n')?;
-    let seq = parse_u64(&rest[..nl])?;
-    let data = rest[nl + 1..].strip_prefix(b"event: message\ndata: {")?;
-    const KEY: &[u8] = b"\"sent_us\":";
-    let at = data.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    Some((seq, parse_u64(&data[at..at + digits])?))
-}
-
-fn parse_u64(digits: &[u8]) -> Option<u64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 // ----------------------------------------------------------------- bench --
@@ -386,11 +363,7 @@ async fn measure(
     n: usize,
     sockets: &mut JoinSet<()>,
 ) -> anyhow::Result<Figure> {
-    let addr: SocketAddr = server
-        .url("")
-        .strip_prefix("http://")
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("the server's address {:?}", server.url("")))?;
+    let addr = server.addr()?;
     let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
     let last_seq = latency_events + args.burst;
     let deadline = Duration::from_secs(args.timeout);
@@ -401,10 +374,18 @@ async fn measure(
     let gate = Arc::new(Semaphore::new(args.open_concurrency));
     let (tx, mut rx) = unbounded_channel();
     let opening = Instant::now();
+    let plan = Arc::new(Plan {
+        addr,
+        path: "/stream".to_owned(),
+        topic: "raw".to_owned(),
+        latency_events,
+        last_seq,
+        retry_first: false,
+    });
     for id in 0..n {
-        let (gate, tx) = (gate.clone(), tx.clone());
+        let (plan, gate, tx) = (plan.clone(), gate.clone(), tx.clone());
         sockets.spawn(async move {
-            if let Err(e) = follow(addr, latency_events, last_seq, &gate, &tx).await {
+            if let Err(e) = follow(&plan, &gate, None, &tx).await {
                 let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
             }
         });
@@ -498,125 +479,6 @@ async fn measure(
         bench_cpu_secs,
         peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
     })
-}
-
-/// One socket: opens a stream, then reads frames until `last_seq`, checking
-/// that seqs come exactly once and in order. A closed or broken connection
-/// fails the run (the ceiling server never closes one within its queue).
-async fn follow(
-    addr: SocketAddr,
-    latency_events: u64,
-    last_seq: u64,
-    gate: &Semaphore,
-    tx: &UnboundedSender<Msg>,
-) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let (mut socket, mut filled) = {
-        let _permit = gate.acquire().await?;
-        open(addr, &mut buf).await?
-    };
-    if tx.send(Msg::Opened).is_err() {
-        return Ok(());
-    }
-    let mut hist = Histogram::<u32>::new(2)?;
-    let mut last = 0;
-    // Frames of buf[..filled] end at a blank line; `scan` is where to look
-    // for the next one.
-    let mut scan = 0;
-    while last < last_seq {
-        let mut start = 0;
-        loop {
-            let from = scan.max(start);
-            let Some(end) = buf[from..filled.max(from)]
-                .windows(2)
-                .position(|w| w == b"\n\n")
-                .map(|at| at + from)
-            else {
-                break;
-            };
-            let frame = &buf[start..end];
-            let (seq, sent_us) = parse_frame(frame).with_context(|| {
-                format!(
-                    "after seq {last}, not a frame: {:?}",
-                    String::from_utf8_lossy(frame)
-                )
-            })?;
-            anyhow::ensure!(
-                seq == last + 1,
-                "got seq {seq} after seq {last} (expected {})",
-                last + 1
-            );
-            last = seq;
-            if seq <= latency_events {
-                hist.record(now_us().saturating_sub(sent_us))?;
-                if seq == latency_events {
-                    let done = std::mem::replace(&mut hist, Histogram::new(2)?);
-                    if tx.send(Msg::Latency(Box::new(done))).is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            start = end + 2;
-            scan = start;
-        }
-        // Keep the partial frame, at the front.
-        buf.copy_within(start..filled, 0);
-        filled -= start;
-        scan = filled.saturating_sub(1);
-        if last == last_seq {
-            break;
-        }
-        anyhow::ensure!(
-            filled < buf.len(),
-            "after seq {last}, a frame longer than {} bytes",
-            buf.len()
-        );
-        let read = socket
-            .read(&mut buf[filled..])
-            .await
-            .with_context(|| format!("reading after seq {last}"))?;
-        anyhow::ensure!(read > 0, "the server closed the socket after seq {last}");
-        filled += read;
-    }
-    anyhow::ensure!(filled == 0, "bytes after the last frame");
-    if tx.send(Msg::Done(Instant::now())).is_ok() {
-        // Stay connected until the run ends.
-        let _socket = socket;
-        std::future::pending::<()>().await;
-    }
-    Ok(())
-}
-
-/// Connects, sends the request and checks the response head; returns the
-/// socket and how many bytes after the head are already in `buf`.
-async fn open(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(TcpStream, usize)> {
-    let mut socket = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
-        .await
-        .context("connect timed out")?
-        .context("connect")?;
-    socket.set_nodelay(true)?;
-    socket
-        .write_all(b"GET /stream HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n")
-        .await?;
-    let mut filled = 0;
-    let end = loop {
-        if let Some(at) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        anyhow::ensure!(filled < buf.len(), "response head too long");
-        let read = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut buf[filled..]))
-            .await
-            .context("no response head within 30 s")??;
-        anyhow::ensure!(read > 0, "closed before the response head");
-        filled += read;
-    };
-    anyhow::ensure!(
-        buf[..end] == *STREAM_HEAD,
-        "unexpected response head {:?}",
-        String::from_utf8_lossy(&buf[..end])
-    );
-    buf.copy_within(end..filled, 0);
-    Ok((socket, filled - end))
 }
 
 /// The median of every figure, each taken on its own over the runs.
@@ -773,19 +635,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_parse_back_and_are_edge_sized() {
+    fn frames_are_sse_events_shaped_and_sized_like_the_edge() {
         let f = frame(1234, 1_795_000_000_123_456);
         assert!(f.ends_with(b"\n\n"));
         assert!((120..200).contains(&f.len()), "{} bytes", f.len());
-        assert_eq!(
-            parse_frame(&f[..f.len() - 2]),
-            Some((1234, 1_795_000_000_123_456))
-        );
-        let data = std::str::from_utf8(&f).unwrap_or_default();
-        let data = data.lines().nth(2).and_then(|l| l.strip_prefix("data: "));
-        let json: serde_json::Value =
-            serde_json::from_str(data.unwrap_or_default()).unwrap_or_default();
+        let mut data = Vec::new();
+        let block = crate::sse_client::parse_block(&f[..f.len() - 1], &mut data).unwrap();
+        assert_eq!(block.id, Some("raw:1234"));
+        assert_eq!(block.event, Some("message"));
+        let json: serde_json::Value = serde_json::from_slice(block.data.unwrap()).unwrap();
+        assert_eq!(json["topic"], "raw");
         assert_eq!(json["seq"], 1234);
-        assert_eq!(parse_frame(b"id: raw:x\nevent: message\ndata: {}"), None);
+        assert_eq!(json["data"]["sent_us"], 1_795_000_000_123_456u64);
     }
 }

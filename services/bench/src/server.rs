@@ -126,12 +126,17 @@ pub(crate) async fn gather(
     Ok(())
 }
 
-/// Publishes `events` events one at a time, `rate` per second, each carrying
-/// the wall-clock time it was sent at.
+/// Most events in one batch request (the publisher's default limit).
+const MAX_BATCH: usize = 1000;
+
+/// Publishes `events` events to each of `topics`, `rate` per second per
+/// topic, each carrying the wall-clock time it was sent at. One topic gets
+/// one event per request; several get one batch request per tick with an
+/// event for each (split into batches of at most 1,000, sent at once).
 pub(crate) async fn publish_at_rate(
     http: &reqwest::Client,
     server: &Server,
-    topic: &str,
+    topics: &[String],
     events: u64,
     rate: f64,
 ) -> anyhow::Result<()> {
@@ -139,49 +144,86 @@ pub(crate) async fn publish_at_rate(
     struct Published {
         seq: u64,
     }
-    let url = server.url(&format!("/v1/topics/{topic}/events"));
+    #[derive(Deserialize)]
+    struct Batch {
+        events: Vec<Published>,
+    }
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     for seq in 1..=events {
         tick.tick().await;
-        let res = http
-            .post(&url)
-            .json(&json!({"data": {"sent_us": now_us()}}))
-            .send()
-            .await?;
-        anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
-        let published: Published = res.json().await?;
-        anyhow::ensure!(
-            published.seq == seq,
-            "publish got seq {} (expected {seq})",
-            published.seq
-        );
+        if let [topic] = topics {
+            let url = server.url(&format!("/v1/topics/{topic}/events"));
+            let res = http
+                .post(&url)
+                .json(&json!({"data": {"sent_us": now_us()}}))
+                .send()
+                .await?;
+            anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
+            let published: Published = res.json().await?;
+            anyhow::ensure!(
+                published.seq == seq,
+                "publish got seq {} (expected {seq})",
+                published.seq
+            );
+            continue;
+        }
+        let url = server.url("/v1/events");
+        let requests = topics.chunks(MAX_BATCH).map(|chunk| {
+            let items: Vec<_> = chunk
+                .iter()
+                .map(|topic| json!({"topic": topic, "data": {"sent_us": now_us()}}))
+                .collect();
+            let request = http.post(&url).json(&items);
+            async move {
+                let res = request.send().await?;
+                anyhow::ensure!(
+                    res.status() == 201,
+                    "batch publish answered {}",
+                    res.status()
+                );
+                let batch: Batch = res.json().await?;
+                anyhow::ensure!(
+                    batch.events.iter().all(|p| p.seq == seq),
+                    "a batch publish got seqs other than {seq}"
+                );
+                Ok(())
+            }
+        });
+        for done in futures_util::future::join_all(requests).await {
+            done?;
+        }
     }
     Ok(())
 }
 
-/// Publishes `burst` events as batch requests of `batch`, `publishers`
-/// requests in flight at once.
+/// Publishes `burst` events to each of `topics` (round robin) as batch
+/// requests of `batch`, `publishers` requests in flight at once.
 pub(crate) async fn publish_burst(
     http: &reqwest::Client,
     server: &Server,
-    topic: &str,
+    topics: &[String],
     burst: u64,
     batch: u64,
     publishers: usize,
 ) -> anyhow::Result<()> {
     let url = server.url("/v1/events");
+    let total = burst * topics.len() as u64;
+    let topics: Arc<[String]> = topics.into();
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for _ in 0..publishers {
-        let (http, url, next, topic) = (http.clone(), url.clone(), next.clone(), topic.to_owned());
+        let (http, url, next, topics) = (http.clone(), url.clone(), next.clone(), topics.clone());
         tasks.spawn(async move {
             loop {
                 let from = next.fetch_add(batch, Ordering::Relaxed);
-                if from >= burst {
+                if from >= total {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let items: Vec<_> = (from..(from + batch).min(burst))
-                    .map(|i| json!({"topic": topic, "data": {"n": i, "sent_us": now_us()}}))
+                let items: Vec<_> = (from..(from + batch).min(total))
+                    .map(|i| {
+                        let topic = &topics[(i % topics.len() as u64) as usize];
+                        json!({"topic": topic, "data": {"n": i, "sent_us": now_us()}})
+                    })
                     .collect();
                 let res = http.post(&url).json(&items).send().await?;
                 anyhow::ensure!(
@@ -325,6 +367,14 @@ impl Server {
 
     pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The address the server listens on.
+    pub(crate) fn addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.base
+            .strip_prefix("http://")
+            .and_then(|a| a.trim_end_matches('/').parse().ok())
+            .with_context(|| format!("the server's address {:?}", self.base))
     }
 
     /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.

@@ -27,27 +27,22 @@
 
 use std::{
     path::Path,
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
-use bytes::Bytes;
-use eventsource_stream::{Event, EventStreamError, Eventsource};
-use futures_util::{Stream, StreamExt, stream};
 use hdrhistogram::Histogram;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::{
-    sync::{Semaphore, mpsc::UnboundedSender, mpsc::unbounded_channel},
+    sync::{Semaphore, mpsc::unbounded_channel},
     task::JoinSet,
 };
 
 use crate::server::{
-    Drops, Msg, Server, Services, cpu_secs, gather, now_us, open_files_limit, publish_at_rate,
+    Drops, Msg, Server, Services, cpu_secs, gather, open_files_limit, publish_at_rate,
     publish_burst, publisher_client, server_binary,
 };
+use crate::sse_client::{Plan, follow};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -63,24 +58,27 @@ pub(crate) struct Args {
     /// in milliseconds.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
-    /// Events per second in the latency scenario.
+    /// Each stream on a topic of its own, every topic published to (the
+    /// per-topic subscription path: one hub topic, and over NATS one
+    /// subscription, per stream), instead of all streams on one topic.
+    #[arg(long)]
+    many_topics: bool,
+    /// Events per second in the latency scenario (per topic).
     #[arg(long, default_value_t = 20.0)]
     rate: f64,
     /// Seconds of publishing in the latency scenario.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Events in the saturation burst.
-    #[arg(long, default_value_t = 2000)]
-    burst: u64,
+    /// Events in the saturation burst, per topic [default: 2000, or 20 with
+    /// --many-topics].
+    #[arg(long)]
+    burst: Option<u64>,
     /// Events per batch request in the burst.
     #[arg(long, default_value_t = 100)]
     batch: u64,
     /// Batch requests in flight at once in the burst.
     #[arg(long, default_value_t = 4)]
     publishers: usize,
-    /// Streams per HTTP client (connection pool) of the bench.
-    #[arg(long, default_value_t = 1000)]
-    per_client: usize,
     /// Longest wait, in seconds, for all streams to open, or to get the last
     /// event of a scenario after its last publish.
     #[arg(long, default_value_t = 120)]
@@ -91,6 +89,13 @@ pub(crate) struct Args {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+}
+
+impl Args {
+    fn burst(&self) -> u64 {
+        self.burst
+            .unwrap_or(if self.many_topics { 20 } else { 2000 })
+    }
 }
 
 /// One run's figures (or, in the report, the median of each over the runs).
@@ -127,31 +132,6 @@ struct Figure {
     peak_rss: f64,
 }
 
-/// What every stream of a run is told.
-struct Plan {
-    topic: String,
-    url: String,
-    /// Seqs 1..=latency_events are the latency scenario's.
-    latency_events: u64,
-    /// The burst's last seq.
-    last_seq: u64,
-}
-
-/// The `data` of an event on the stream, as far as the bench reads it.
-#[derive(Deserialize)]
-struct Message {
-    topic: String,
-    seq: u64,
-    data: Sent,
-}
-
-#[derive(Deserialize)]
-struct Sent {
-    sent_us: u64,
-}
-
-type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
-
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
@@ -162,12 +142,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         "--rate and --seconds must be positive"
     );
     anyhow::ensure!(
-        args.burst > 0 && args.batch > 0,
+        args.burst() > 0 && args.batch > 0,
         "--burst and --batch must be at least 1"
     );
     anyhow::ensure!(
-        args.open_concurrency > 0 && args.publishers > 0 && args.per_client > 0,
-        "--open-concurrency, --publishers and --per-client must be at least 1"
+        args.open_concurrency > 0 && args.publishers > 0,
+        "--open-concurrency and --publishers must be at least 1"
     );
     let binary = server_binary()?;
     if let Some(limit) = open_files_limit() {
@@ -298,25 +278,28 @@ async fn measure(
     drops: &Arc<Drops>,
     streams: &mut JoinSet<()>,
 ) -> anyhow::Result<Figure> {
-    let topic = format!("sse{n}-{run}");
+    let topics: Vec<String> = if args.many_topics {
+        (0..n).map(|i| format!("sse{n}-{run}-{i}")).collect()
+    } else {
+        vec![format!("sse{n}-{run}")]
+    };
     let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
-    let plan = Arc::new(Plan {
-        url: server.url(&format!("/v1/sse?topic={topic}")),
-        topic,
-        latency_events,
-        last_seq: latency_events + args.burst,
-    });
-    let deadline = Duration::from_secs(args.timeout);
-    let clients = (0..n.div_ceil(args.per_client))
-        .map(|_| {
-            reqwest::Client::builder()
-                .no_proxy()
-                .pool_max_idle_per_host(args.per_client)
-                .connect_timeout(Duration::from_secs(10))
-                .tcp_nodelay(true)
-                .build()
+    let burst = args.burst();
+    let addr = server.addr()?;
+    let plans: Vec<Arc<Plan>> = topics
+        .iter()
+        .map(|topic| {
+            Arc::new(Plan {
+                addr,
+                path: format!("/v1/sse?topic={topic}"),
+                topic: topic.clone(),
+                latency_events,
+                last_seq: latency_events + burst,
+                retry_first: true,
+            })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
+    let deadline = Duration::from_secs(args.timeout);
     // 1. Idle memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.status_kib("VmRSS")? * 1024;
@@ -324,10 +307,10 @@ async fn measure(
     let (tx, mut rx) = unbounded_channel();
     let opening = Instant::now();
     for id in 0..n {
-        let http = clients[id / args.per_client].clone();
-        let (plan, gate, drops, tx) = (plan.clone(), gate.clone(), drops.clone(), tx.clone());
+        let plan = plans[id % plans.len()].clone();
+        let (gate, drops, tx) = (gate.clone(), drops.clone(), tx.clone());
         streams.spawn(async move {
-            if let Err(e) = follow(&http, &plan, &gate, &drops, &tx).await {
+            if let Err(e) = follow(&plan, &gate, Some(&drops), &tx).await {
                 let _ = tx.send(Msg::Failed(format!("stream {id}: {e:#}")));
             }
         });
@@ -345,7 +328,7 @@ async fn measure(
     // 2. Latency at a fixed rate.
     let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
     let publisher = publisher_client(args.publishers)?;
-    publish_at_rate(&publisher, server, &plan.topic, latency_events, args.rate).await?;
+    publish_at_rate(&publisher, server, &topics, latency_events, args.rate).await?;
     let mut hist = Histogram::<u32>::new(2)?;
     gather(
         &mut rx,
@@ -375,8 +358,8 @@ async fn measure(
     publish_burst(
         &publisher,
         server,
-        &plan.topic,
-        args.burst,
+        &topics,
+        burst,
         args.batch,
         args.publishers,
     )
@@ -414,184 +397,13 @@ async fn measure(
         latency_server_cpu_secs,
         latency_bench_cpu_secs,
         burst_secs,
-        deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
+        deliveries_per_sec: (burst * n as u64) as f64 / burst_secs,
         closed: drops.closed.load(Ordering::Relaxed) as f64,
         broken: drops.broken.load(Ordering::Relaxed) as f64,
         server_cpu_secs,
         bench_cpu_secs,
         peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
     })
-}
-
-/// One stream: opens it, then reads events until the burst's last one,
-/// checking that seqs come exactly once and in order, reconnecting with
-/// `Last-Event-ID` when the server closes it.
-async fn follow(
-    http: &reqwest::Client,
-    plan: &Plan,
-    gate: &Semaphore,
-    drops: &Drops,
-    tx: &UnboundedSender<Msg>,
-) -> anyhow::Result<()> {
-    let mut events = {
-        let _permit = gate.acquire().await?;
-        open(http, &plan.url, None).await?
-    };
-    if tx.send(Msg::Opened).is_err() {
-        return Ok(());
-    }
-    let mut hist = Histogram::<u32>::new(2)?;
-    let mut last = 0;
-    while last < plan.last_seq {
-        let event = match events.next().await {
-            Some(Ok(event)) => event,
-            Some(Err(EventStreamError::Transport(e))) => {
-                // The connection broke: count it and resume, as EventSource does.
-                drops.broken(format!(
-                    "{:#}",
-                    anyhow::Error::new(e).context(format!("after seq {last}"))
-                ));
-                let _permit = gate.acquire().await?;
-                let id = format!("{}:{last}", plan.topic);
-                events = open(http, &plan.url, Some(&id))
-                    .await
-                    .with_context(|| format!("reconnecting after seq {last}"))?;
-                continue;
-            }
-            Some(Err(e)) => anyhow::bail!("the stream after seq {last} is not valid SSE: {e}"),
-            None => {
-                drops.closed.fetch_add(1, Ordering::Relaxed);
-                let _permit = gate.acquire().await?;
-                let id = format!("{}:{last}", plan.topic);
-                events = open(http, &plan.url, Some(&id))
-                    .await
-                    .with_context(|| format!("reconnecting after seq {last}"))?;
-                continue;
-            }
-        };
-        let received = now_us();
-        anyhow::ensure!(
-            event.event == "message",
-            "got a {:?} event after seq {last}: {}",
-            event.event,
-            event.data
-        );
-        let seq = event
-            .id
-            .strip_prefix(plan.topic.as_str())
-            .and_then(|s| s.strip_prefix(':'))
-            .and_then(|s| s.parse::<u64>().ok())
-            .with_context(|| format!("event id {:?} after seq {last}", event.id))?;
-        anyhow::ensure!(
-            seq == last + 1,
-            "got seq {seq} after seq {last} (expected {})",
-            last + 1
-        );
-        last = seq;
-        if seq <= plan.latency_events {
-            let m: Message = serde_json::from_str(&event.data)
-                .with_context(|| format!("event data {:?}", event.data))?;
-            anyhow::ensure!(
-                m.topic == plan.topic && m.seq == seq,
-                "event id {:?} carries topic {:?} seq {}",
-                event.id,
-                m.topic,
-                m.seq
-            );
-            hist.record(received.saturating_sub(m.data.sent_us))?;
-            if seq == plan.latency_events {
-                let done = std::mem::replace(&mut hist, Histogram::new(2)?);
-                if tx.send(Msg::Latency(Box::new(done))).is_err() {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    if tx.send(Msg::Done(Instant::now())).is_ok() {
-        // Stay connected until the run ends, so that no stream closes while
-        // others are still being measured.
-        let _events = events;
-        std::future::pending::<()>().await;
-    }
-    Ok(())
-}
-
-/// Opens `url` as an event stream (resuming after `last_event_id`), checks
-/// the 200 and the first `retry:` chunk, and returns the parsed events after it.
-async fn open(
-    http: &reqwest::Client,
-    url: &str,
-    last_event_id: Option<&str>,
-) -> anyhow::Result<Events> {
-    let mut req = http.get(url).header("Accept", "text/event-stream");
-    if let Some(id) = last_event_id {
-        req = req.header("Last-Event-ID", id);
-    }
-    let res = req.send().await.context("SSE request")?;
-    let status = res.status();
-    if status != 200 {
-        let body = res.text().await.unwrap_or_default();
-        anyhow::bail!("SSE request answered {status}: {body}");
-    }
-    let content_type = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    anyhow::ensure!(
-        content_type.starts_with("text/event-stream"),
-        "SSE request answered content type {content_type:?}"
-    );
-    let mut body = res.bytes_stream();
-    let mut head = Vec::new();
-    let end = loop {
-        if let Some(at) = head.windows(2).position(|w| w == b"\n\n") {
-            break at + 2;
-        }
-        match tokio::time::timeout(Duration::from_secs(30), body.next()).await {
-            Ok(Some(chunk)) => head.extend_from_slice(&chunk.context("reading the first chunk")?),
-            Ok(None) => anyhow::bail!(
-                "the stream ended before its first block: {:?}",
-                String::from_utf8_lossy(&head)
-            ),
-            Err(_) => anyhow::bail!("no `retry:` block within 30 s of the 200"),
-        }
-    };
-    anyhow::ensure!(
-        head.starts_with(b"retry: "),
-        "the stream began with {:?}, not `retry:`",
-        String::from_utf8_lossy(&head[..end])
-    );
-    let rest = Bytes::from(head).slice(end..);
-    Ok(Box::pin(
-        stream::once(async move { Ok(rest) })
-            .chain(body)
-            .flat_map(|chunk| stream::iter(split_events(chunk)))
-            .eventsource(),
-    ))
-}
-
-/// `chunk` cut after every blank line, so that the parser gets about one
-/// event at a time. Any cut is valid input; this one matters for speed:
-/// `eventsource-stream` copies the rest of its buffer for every line it
-/// consumes, which on a chunk of 64 events costs far more than the server
-/// spent producing it and would make the bench, not the server, the limit.
-fn split_events(chunk: reqwest::Result<Bytes>) -> Vec<reqwest::Result<Bytes>> {
-    let Ok(chunk) = chunk else {
-        return vec![chunk];
-    };
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    for i in 1..chunk.len() {
-        if chunk[i] == b'\n' && chunk[i - 1] == b'\n' {
-            pieces.push(Ok(chunk.slice(start..=i)));
-            start = i + 1;
-        }
-    }
-    if start < chunk.len() {
-        pieces.push(Ok(chunk.slice(start..)));
-    }
-    pieces
 }
 
 /// The median of every figure, each taken on its own over the runs.
@@ -624,7 +436,12 @@ fn print_report(args: &Args, results: &[Outcome]) {
     let mib = |v: f64| v / (1024.0 * 1024.0);
     let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
     println!(
-        "\nSSE, all streams on one topic, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
+        "\nSSE, {}, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
+        if args.many_topics {
+            "each stream on a topic of its own"
+        } else {
+            "all streams on one topic"
+        },
         args.runs.max(1)
     );
     // One table per scenario, a row per connection count.
@@ -682,7 +499,9 @@ fn print_report(args: &Args, results: &[Outcome]) {
         format!(
             "saturation: burst of {} events in batch requests of {}, {} in flight; \
              reconnects over the whole run",
-            args.burst, args.batch, args.publishers
+            args.burst(),
+            args.batch,
+            args.publishers
         ),
         format!(
             "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}",
@@ -720,15 +539,22 @@ fn print_report(args: &Args, results: &[Outcome]) {
         }
     }
 
+    // Names the comparison looks up stay as they are for one topic.
+    let shape = if args.many_topics {
+        ", a topic each"
+    } else {
+        ""
+    };
     for o in results {
         let n = o.n;
         let common = json!({
             "connections": n, "bus": bus, "runs": args.runs.max(1),
+            "topics": if args.many_topics { n } else { 1 },
         });
         let lines = match &o.result {
             Ok(f) => vec![
                 json!({
-                    "scenario": "sse", "name": format!("idle memory, {n} connections"),
+                    "scenario": "sse", "name": format!("idle memory, {n} connections{shape}"),
                     "open_secs": r3(f.open_secs),
                     "rss_before_bytes": f.rss_before.round() as u64,
                     "rss_after_bytes": f.rss_after.round() as u64,
@@ -736,14 +562,14 @@ fn print_report(args: &Args, results: &[Outcome]) {
                     "settle_ms": args.settle_ms,
                 }),
                 json!({
-                    "scenario": "sse", "name": format!("latency, {n} connections"),
+                    "scenario": "sse", "name": format!("latency, {n} connections{shape}"),
                     "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
                     "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
                     "server_cpu_secs": r3(f.latency_server_cpu_secs),
                     "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
                 }),
                 json!({
-                    "scenario": "sse", "name": format!("saturation, {n} connections"),
+                    "scenario": "sse", "name": format!("saturation, {n} connections{shape}"),
                     "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
                     "secs": r3(f.burst_secs),
                     "server_cpu_secs": r3(f.server_cpu_secs), "bench_cpu_secs": r3(f.bench_cpu_secs),
@@ -751,7 +577,7 @@ fn print_report(args: &Args, results: &[Outcome]) {
                     "streams_ended_and_resumed": f.closed.round() as u64,
                     "streams_broken_and_resumed": f.broken.round() as u64,
                     "first_transport_error": o.first_error,
-                    "burst": args.burst, "batch": args.batch, "publishers": args.publishers,
+                    "burst": args.burst(), "batch": args.batch, "publishers": args.publishers,
                 }),
             ],
             Err(e) => vec![json!({
@@ -764,24 +590,5 @@ fn print_report(args: &Args, results: &[Outcome]) {
             }
             println!("{line}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_are_cut_after_blank_lines_and_lose_nothing() {
-        let text =
-            "id: t:1\nevent: message\ndata: {}\n\nid: t:2\ndata: x\n\n: heartbeat\n\nid: t:3\nda";
-        let pieces: Vec<Bytes> = split_events(Ok(Bytes::from(text)))
-            .into_iter()
-            .map(|p| p.expect("a piece"))
-            .collect();
-        assert_eq!(pieces.len(), 4);
-        assert_eq!(&pieces[1][..], b"id: t:2\ndata: x\n\n");
-        assert_eq!(&pieces[3][..], b"id: t:3\nda");
-        assert_eq!(pieces.concat(), text.as_bytes());
     }
 }

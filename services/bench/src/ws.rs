@@ -408,7 +408,14 @@ async fn measure(
     // 2. Latency at a fixed rate.
     let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
     let publisher = publisher_client(args.publishers)?;
-    publish_at_rate(&publisher, server, &plan.topic, latency_events, args.rate).await?;
+    publish_at_rate(
+        &publisher,
+        server,
+        std::slice::from_ref(&plan.topic),
+        latency_events,
+        args.rate,
+    )
+    .await?;
     let mut hist = Histogram::<u32>::new(2)?;
     gather(
         &mut rx,
@@ -438,7 +445,7 @@ async fn measure(
     publish_burst(
         &publisher,
         server,
-        &plan.topic,
+        std::slice::from_ref(&plan.topic),
         args.burst,
         args.batch,
         args.publishers,
