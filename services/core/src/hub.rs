@@ -33,6 +33,7 @@ use crate::{
     config::Settings,
     event::{Event, Topic},
     metrics::Metrics,
+    ring,
     store::{Store, StoreError, TopicHead},
 };
 
@@ -168,7 +169,7 @@ struct Slot {
 /// One topic's live feed: its bus subscription task, channel and cache.
 struct TopicFeed {
     topic: Topic,
-    tx: broadcast::Sender<Arc<SharedEvent>>,
+    tx: ring::Sender<Arc<SharedEvent>>,
     state: RwLock<FeedState>,
     ready: watch::Sender<bool>,
     fill: Notify,
@@ -298,7 +299,7 @@ impl Inner {
     fn start_feed(self: &Arc<Self>, topic: &Topic) -> Arc<TopicFeed> {
         let feed = Arc::new(TopicFeed {
             topic: topic.clone(),
-            tx: broadcast::channel(self.config.queue).0,
+            tx: ring::channel(self.config.queue),
             state: RwLock::new(FeedState {
                 low_seq: 1,
                 ..FeedState::default()
@@ -369,7 +370,7 @@ impl TopicFeed {
             }
         }
         // No receiver is fine: the cache still serves readers.
-        let _ = self.tx.send(event);
+        self.tx.send(event);
     }
 }
 
@@ -377,7 +378,7 @@ impl TopicFeed {
 pub struct Subscription {
     hub: Hub,
     feed: Arc<TopicFeed>,
-    rx: broadcast::Receiver<Arc<SharedEvent>>,
+    rx: ring::Receiver<Arc<SharedEvent>>,
     start_last: u64,
 }
 
@@ -523,8 +524,8 @@ impl Follower {
                         return Ok(d);
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => self.lagged(),
-                Err(broadcast::error::RecvError::Closed) => {
+                Err(ring::RecvError::Lagged(_)) => self.lagged(),
+                Err(ring::RecvError::Closed) => {
                     return Err(HubError::Closed(self.topic().clone()));
                 }
             }
@@ -551,7 +552,7 @@ impl Follower {
                         return Some(d);
                     }
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagged(),
+                Err(ring::TryRecvError::Lagged(_)) => self.lagged(),
                 Err(_) => return None,
             }
         }

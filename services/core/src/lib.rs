@@ -28,6 +28,7 @@ pub mod ops;
 pub mod proto;
 pub mod publish;
 pub mod query;
+mod ring;
 pub mod server;
 pub mod shutdown;
 pub mod store;
