@@ -1,13 +1,15 @@
-//! One WebSocket: reading client frames, a forwarder task per subscription,
-//! and a writer draining the bounded outgoing queue.
+//! One WebSocket: reading client frames, a forwarder task per subscription
+//! handing batches of event frames to the bounded outgoing queue, which the
+//! response body drains (see [`crate::outbox`]).
 
 use std::{
     collections::HashMap,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
+use actix_http::ws::{CloseCode, CloseReason, ProtocolError};
+use actix_web::web;
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use rt_core::{
     Context, Topic,
@@ -15,16 +17,20 @@ use rt_core::{
     bus::TraceHeaders,
     event::{DEFAULT_EVENT_TYPE, NewEvent, validate_event_type},
     gate::Pass,
-    hub::{Follower, HubError},
+    hub::{Delivery, Follower, HubError},
     publish::{PublishError, Publisher},
     telemetry::current_trace_headers,
 };
-use tokio::{
-    sync::{Notify, mpsc},
-    task::JoinHandle,
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{
+    frames::{self, ClientFrame, MAX_REF_LEN},
+    outbox::{Body, Out, Outbox, outbox},
+    reader::{Incoming, Reader},
 };
 
-use crate::frames::{self, ClientFrame, MAX_REF_LEN};
+/// The client's side of the socket.
+type ClientReader = Reader<web::Payload>;
 
 /// Events read from the log per query while a subscription catches up.
 const PAGE: u32 = 500;
@@ -34,15 +40,12 @@ const SEND_STALL: Duration = Duration::from_secs(5);
 /// Store failures in a row a subscription rides out (with backoff) before
 /// it reports `feed_unavailable`.
 const STORE_RETRIES: u32 = 4;
-/// How long a close frame may take to reach a client that is not reading.
+/// How long a close frame may wait for room in the outgoing queue.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-/// What the writer sends.
-enum Out {
-    Text(ByteString),
-    Pong(bytes::Bytes),
-    Ping,
-}
+/// Most deliveries a forwarder sends as one batch (as sse-edge's chunks).
+const BATCH_EVENTS: u32 = 64;
+/// A batch takes no more deliveries once it holds this many bytes.
+const BATCH_BYTES: usize = 16 * 1024;
 
 /// Publishes a socket may make: `rate` per second, bursts up to `rate`.
 struct Bucket {
@@ -75,81 +78,50 @@ impl Bucket {
     }
 }
 
+/// What the connection task woke up for.
+enum Woke {
+    Closing(CloseReason, &'static str),
+    Message(Result<Incoming, ProtocolError>),
+    Tick,
+}
+
 struct Conn {
     ctx: Context,
     principal: Principal,
-    out: mpsc::Sender<Out>,
-    /// Set when the outgoing queue overflowed or a subscription lagged.
-    too_slow: Arc<Notify>,
+    out: Outbox,
+    /// Most deliveries in one batch: never more than the queue holds.
+    batch: u32,
     subs: HashMap<Topic, JoinHandle<()>>,
     bucket: Bucket,
-    publishes: mpsc::Sender<Pending>,
+    /// The publish loop's queue and task, started by the first publish:
+    /// most sockets only subscribe.
+    publishes: Option<(mpsc::Sender<Pending>, JoinHandle<()>)>,
 }
 
-/// Serves one socket until the client leaves or the server closes it.
-pub(crate) async fn run(
-    ctx: Context,
-    principal: Principal,
-    session: Session,
-    mut stream: AggregatedMessageStream,
-    pass: Pass,
-) {
-    let metrics = ctx.metrics.clone();
-    metrics.streams_open.with_label_values(&["ws"]).inc();
-    let (out, rx) = mpsc::channel(ctx.settings.ws_queue.max(16));
-    let writer = actix_web::rt::spawn(write_loop(session.clone(), rx));
-    let rate = ctx.settings.ws_publish_rate;
-    let too_slow = Arc::new(Notify::new());
-    let (publishes, publish_rx) = mpsc::channel(PUBLISH_BATCH * 10);
-    let publisher = tokio::spawn(publish_loop(
-        ctx.publisher.clone(),
-        publish_rx,
-        out.clone(),
-        too_slow.clone(),
-    ));
-    let mut conn = Conn {
+/// Starts serving a socket whose handshake is answered: the returned body is
+/// everything the server sends on it.
+pub(crate) fn open(ctx: Context, principal: Principal, payload: web::Payload, pass: Pass) -> Body {
+    // Messages over --max-body-bytes are refused with close code 1009 once
+    // read whole, so the close frame reaches the client; the decoder's own
+    // cap is higher and only stops absurd frames (those connections are cut).
+    let max = ctx.settings.max_body_bytes;
+    let hard_cap = max.saturating_mul(4).max(max + 64 * 1024);
+    let reader = Reader::new(payload, hard_cap, hard_cap);
+    let queue = u32::try_from(ctx.settings.ws_queue.max(16)).unwrap_or(u32::MAX);
+    let (out, body) = outbox(queue);
+    ctx.metrics.streams_open.with_label_values(&["ws"]).inc();
+    let conn = Conn {
+        batch: BATCH_EVENTS.min(queue),
+        bucket: Bucket::new(ctx.settings.ws_publish_rate),
         ctx,
         principal,
         out,
-        too_slow,
         subs: HashMap::new(),
-        bucket: Bucket::new(rate),
-        publishes,
+        publishes: None,
     };
-    let close = conn.serve(&mut stream).await;
-    for (_, forwarder) in conn.subs.drain() {
-        forwarder.abort();
-    }
-    // Publishes already sent are committed even if the socket is gone (the
-    // client learns their seqs from the log if it missed the acks).
-    drop(conn);
-    let _ = tokio::time::timeout(CLOSE_WAIT, publisher).await;
-    writer.abort();
-    if let Some((reason, label)) = close {
-        if let Some(label) = label {
-            metrics
-                .streams_closed
-                .with_label_values(&["ws", label])
-                .inc();
-        }
-        let _ = tokio::time::timeout(CLOSE_WAIT, session.close(Some(reason))).await;
-    }
-    metrics.streams_open.with_label_values(&["ws"]).dec();
-    drop(pass);
-}
-
-/// Writes queued frames until the queue closes or the socket does.
-async fn write_loop(mut session: Session, mut rx: mpsc::Receiver<Out>) {
-    while let Some(out) = rx.recv().await {
-        let sent = match out {
-            Out::Text(text) => session.text(text).await,
-            Out::Pong(payload) => session.pong(&payload).await,
-            Out::Ping => session.ping(b"").await,
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
+    // The request payload is `!Send`: the socket lives on this worker.
+    actix_web::rt::spawn(conn.run(reader, pass));
+    body
 }
 
 fn reason(code: CloseCode, description: impl Into<String>) -> CloseReason {
@@ -169,47 +141,122 @@ fn too_big(limit: usize) -> CloseReason {
 /// Hands a subscription's deliveries to the outgoing queue, waiting while it
 /// is full (a catch-up from the log comes in bursts); a queue that stays full
 /// for [`SEND_STALL`] means the client is too slow.
-async fn forward(mut follower: Follower, out: mpsc::Sender<Out>, too_slow: Arc<Notify>) {
-    let mut failures = 0;
-    loop {
-        match follower.next().await {
-            // A store that is briefly busy or away: the follower kept its
-            // place, so try again a few times before giving up.
-            Err(HubError::Store(e)) if failures < STORE_RETRIES => {
-                failures += 1;
-                tracing::debug!(topic = %follower.topic(), error = %e, "subscription read failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(failures)).await;
-            }
-            Ok(delivery) => {
-                failures = 0;
-                if out
-                    .send_timeout(Out::Text(frames::delivery(&delivery)), SEND_STALL)
-                    .await
-                    .is_err()
-                {
-                    too_slow.notify_one();
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the follower twice (see Conn::run)"
+)]
+fn forward(mut follower: Follower, out: Outbox, most: u32) -> impl Future<Output = ()> {
+    async move {
+        let mut failures = 0;
+        loop {
+            match follower.next().await {
+                // A store that is briefly busy or away: the follower kept its
+                // place, so try again a few times before giving up.
+                Err(HubError::Store(e)) if failures < STORE_RETRIES => {
+                    failures += 1;
+                    tracing::debug!(topic = %follower.topic(), error = %e, "subscription read failed; retrying");
+                    // Boxed: a rare wait, kept out of every forwarder's state.
+                    let backoff = Box::pin(tokio::time::sleep(
+                        Duration::from_millis(200) * 2u32.pow(failures),
+                    ));
+                    backoff.await;
+                }
+                Ok(delivery) => {
+                    failures = 0;
+                    let (frames, count) = batch(&mut follower, &delivery, most);
+                    drop(delivery);
+                    // A failed send raised the too-slow signal.
+                    if out
+                        .send(Out::Frames(frames, count), SEND_STALL)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let message = format!(
+                        "the live feed of {} stopped ({e}); subscribe again with after",
+                        follower.topic()
+                    );
+                    let frame = frames::feed_stopped(follower.topic(), &message);
+                    let _ = out.try_send(Out::Text(frame));
                     return;
                 }
-            }
-            Err(e) => {
-                let message = format!(
-                    "the live feed of {} stopped ({e}); subscribe again with after",
-                    follower.topic()
-                );
-                let frame = frames::feed_stopped(follower.topic(), &message);
-                let _ = out.try_send(Out::Text(frame));
-                return;
             }
         }
     }
 }
 
+/// `first` and the deliveries already at hand behind it, up to `most` or
+/// [`BATCH_BYTES`] (the one crossing it included), as consecutive text
+/// frames: one queue item and one wake-up of the body for the lot, instead
+/// of one per delivery.
+fn batch(follower: &mut Follower, first: &Delivery, most: u32) -> (Bytes, u32) {
+    let mut buf = BytesMut::new();
+    frames::put_delivery(&mut buf, first);
+    let mut count = 1;
+    while count < most && buf.len() < BATCH_BYTES {
+        let Some(next) = follower.try_next() else {
+            break;
+        };
+        frames::put_delivery(&mut buf, &next);
+        count += 1;
+    }
+    (buf.freeze(), count)
+}
+
 impl Conn {
+    /// Serves the socket until the client leaves or the server closes it.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn holds its arguments twice (as given, and moved \
+                  into its body) for the socket's whole life; an async block \
+                  holds them once"
+    )]
+    fn run(mut self, mut reader: ClientReader, pass: Pass) -> impl Future<Output = ()> {
+        async move {
+            // Boxed, like `finish`: this task's own state stays what the
+            // socket needs between frames.
+            let serve = Box::pin(self.serve(&mut reader));
+            let close = serve.await;
+            let finish = Box::pin(self.finish(close));
+            finish.await;
+            drop(pass);
+        }
+    }
+
+    async fn finish(mut self, close: Option<(CloseReason, Option<&'static str>)>) {
+        for (_, forwarder) in self.subs.drain() {
+            forwarder.abort();
+        }
+        let publisher = self.publishes.take().map(|(_, task)| task);
+        let Conn { ctx, out, .. } = self;
+        // Publishes already sent are committed even if the socket is gone
+        // (the client learns their seqs from the log if it missed the acks).
+        if let Some(publisher) = publisher {
+            let _ = tokio::time::timeout(CLOSE_WAIT, publisher).await;
+        }
+        let metrics = &ctx.metrics;
+        if let Some((reason, label)) = close {
+            if let Some(label) = label {
+                metrics
+                    .streams_closed
+                    .with_label_values(&["ws", label])
+                    .inc();
+            }
+            // After whatever is already queued; the body ends once it is
+            // written.
+            let _ = out.send(Out::Close(reason), CLOSE_WAIT).await;
+        }
+        metrics.streams_open.with_label_values(&["ws"]).dec();
+    }
+
     /// The close to send (with the metric label of a server-side close), or
     /// `None` when the client went away without one.
     async fn serve(
         &mut self,
-        stream: &mut AggregatedMessageStream,
+        reader: &mut ClientReader,
     ) -> Option<(CloseReason, Option<&'static str>)> {
         let settings = self.ctx.settings.clone();
         let every = settings.ws_ping_interval.max(Duration::from_millis(100));
@@ -217,78 +264,96 @@ impl Conn {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
         let shutdown = self.ctx.shutdown.clone();
-        let too_slow = self.too_slow.clone();
         loop {
-            tokio::select! {
+            // The waits are polled here, the work each one wakes for is boxed
+            // (subscribing, publishing and queueing take far more state than
+            // waiting, and a task is as large as its largest state, idle
+            // sockets included).
+            let woke = tokio::select! {
                 biased;
-                () = shutdown.started() => {
-                    return Some((
-                        reason(CloseCode::Away, "server shutting down: reconnect and subscribe with after"),
-                        Some("shutdown"),
-                    ));
-                }
-                () = self.principal.expiry() => {
-                    return Some((
-                        reason(CloseCode::Policy, "token expired: reconnect with a fresh token and subscribe with after"),
-                        Some("token_expired"),
-                    ));
-                }
-                () = too_slow.notified() => {
-                    return Some((
-                        reason(CloseCode::Policy, "too slow: frames piled up; reconnect and subscribe with after"),
-                        Some("too_slow"),
-                    ));
-                }
-                msg = stream.recv() => {
-                    let msg = msg?;
+                () = shutdown.started() => Woke::Closing(
+                    reason(CloseCode::Away, "server shutting down: reconnect and subscribe with after"),
+                    "shutdown",
+                ),
+                () = self.principal.expiry() => Woke::Closing(
+                    reason(CloseCode::Policy, "token expired: reconnect with a fresh token and subscribe with after"),
+                    "token_expired",
+                ),
+                () = self.out.too_slow() => Woke::Closing(
+                    reason(CloseCode::Policy, "too slow: frames piled up; reconnect and subscribe with after"),
+                    "too_slow",
+                ),
+                msg = reader.recv() => Woke::Message(msg?),
+                _ = ping.tick() => Woke::Tick,
+            };
+            match woke {
+                Woke::Closing(reason, label) => return Some((reason, Some(label))),
+                Woke::Message(msg) => {
                     last_seen = Instant::now();
-                    let size = match &msg {
-                        Ok(AggregatedMessage::Text(t)) => t.len(),
-                        Ok(AggregatedMessage::Binary(b)) => b.len(),
-                        _ => 0,
-                    };
-                    if size > settings.max_body_bytes {
-                        return Some((too_big(settings.max_body_bytes), Some("too_big")));
-                    }
-                    match msg {
-                        Ok(AggregatedMessage::Text(text)) => self.on_text(&text).await,
-                        Ok(AggregatedMessage::Binary(_)) => self.send(frames::error(
-                            None,
-                            "binary_unsupported",
-                            "this protocol uses JSON text frames; binary frames are not accepted",
-                        )).await,
-                        Ok(AggregatedMessage::Ping(payload)) => self.queue(Out::Pong(payload)).await,
-                        Ok(AggregatedMessage::Pong(_)) => {}
-                        Ok(AggregatedMessage::Close(theirs)) => {
-                            return Some((theirs.unwrap_or_else(|| CloseCode::Normal.into()), None));
-                        }
-                        Err(actix_ws::ProtocolError::Overflow) => {
-                            return Some((too_big(settings.max_body_bytes), Some("too_big")));
-                        }
-                        Err(e) => {
-                            return Some((reason(CloseCode::Protocol, e.to_string()), Some("protocol")));
-                        }
+                    let handled = Box::pin(self.on_message(msg));
+                    if let Some(close) = handled.await {
+                        return Some(close);
                     }
                 }
-                _ = ping.tick() => {
+                Woke::Tick => {
                     if last_seen.elapsed() >= settings.ws_idle_timeout {
                         return Some((
-                            reason(CloseCode::Away, "idle timeout: nothing received, not even a pong"),
+                            reason(
+                                CloseCode::Away,
+                                "idle timeout: nothing received, not even a pong",
+                            ),
                             Some("idle"),
                         ));
                     }
-                    self.queue(Out::Ping).await;
+                    let queued = Box::pin(self.queue(Out::Ping));
+                    queued.await;
                 }
             }
         }
     }
 
+    /// Answers one client message; the close to send when it ends the socket.
+    async fn on_message(
+        &mut self,
+        msg: Result<Incoming, ProtocolError>,
+    ) -> Option<(CloseReason, Option<&'static str>)> {
+        let max = self.ctx.settings.max_body_bytes;
+        let size = match &msg {
+            Ok(Incoming::Text(t)) => t.len(),
+            Ok(Incoming::Binary(len)) => *len,
+            _ => 0,
+        };
+        if size > max {
+            return Some((too_big(max), Some("too_big")));
+        }
+        match msg {
+            Ok(Incoming::Text(text)) => self.on_text(&text).await,
+            Ok(Incoming::Binary(_)) => {
+                self.send(frames::error(
+                    None,
+                    "binary_unsupported",
+                    "this protocol uses JSON text frames; binary frames are not accepted",
+                ))
+                .await;
+            }
+            Ok(Incoming::Ping(payload)) => self.queue(Out::Pong(payload)).await,
+            Ok(Incoming::Pong) => {}
+            Ok(Incoming::Close(theirs)) => {
+                return Some((theirs.unwrap_or_else(|| CloseCode::Normal.into()), None));
+            }
+            Err(ProtocolError::Overflow) => return Some((too_big(max), Some("too_big"))),
+            Err(e) => {
+                return Some((reason(CloseCode::Protocol, e.to_string()), Some("protocol")));
+            }
+        }
+        None
+    }
+
     /// Queues a frame, waiting while the queue is full; a client that lets
     /// it stay full for [`SEND_STALL`] is too slow.
     async fn queue(&self, out: Out) {
-        if self.out.send_timeout(out, SEND_STALL).await.is_err() {
-            self.too_slow.notify_one();
-        }
+        // A failed send raised the too-slow signal, which `serve` watches.
+        let _ = self.out.send(out, SEND_STALL).await;
     }
 
     async fn send(&self, text: ByteString) {
@@ -414,7 +479,7 @@ impl Conn {
             self.send(frames::subscription_ack(r, &topic, follower.position()))
                 .await;
         }
-        let forwarder = tokio::spawn(forward(follower, self.out.clone(), self.too_slow.clone()));
+        let forwarder = tokio::spawn(forward(follower, self.out.clone(), self.batch));
         self.subs.insert(topic, forwarder);
     }
 
@@ -493,7 +558,19 @@ impl Conn {
             trace,
             reference: r.map(str::to_owned),
         };
-        if let Err(mpsc::error::TrySendError::Full(p)) = self.publishes.try_send(pending) {
+        let publishes = match &self.publishes {
+            Some((publishes, _)) => publishes,
+            None => {
+                let (publishes, rx) = mpsc::channel(PUBLISH_BATCH * 10);
+                let task = tokio::spawn(publish_loop(
+                    self.ctx.publisher.clone(),
+                    rx,
+                    self.out.clone(),
+                ));
+                &self.publishes.insert((publishes, task)).0
+            }
+        };
+        if let Err(mpsc::error::TrySendError::Full(p)) = publishes.try_send(pending) {
             self.error(
                 p.reference.as_deref(),
                 "busy",
@@ -516,12 +593,7 @@ const PUBLISH_BATCH: usize = 100;
 
 /// Commits a socket's publishes in the order they were sent (everything
 /// waiting goes in one batch, whose seqs follow input order), then acks them.
-async fn publish_loop(
-    publisher: Publisher,
-    mut rx: mpsc::Receiver<Pending>,
-    out: mpsc::Sender<Out>,
-    too_slow: Arc<Notify>,
-) {
+async fn publish_loop(publisher: Publisher, mut rx: mpsc::Receiver<Pending>, out: Outbox) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < PUBLISH_BATCH {
@@ -548,12 +620,7 @@ async fn publish_loop(
                     "the service is shutting down; publish again on another connection",
                 ),
             };
-            if out
-                .send_timeout(Out::Text(frame), SEND_STALL)
-                .await
-                .is_err()
-            {
-                too_slow.notify_one();
+            if out.send(Out::Text(frame), SEND_STALL).await.is_err() {
                 return;
             }
         }

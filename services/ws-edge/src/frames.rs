@@ -9,6 +9,8 @@ use rt_core::{
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::wire;
+
 /// Longest `ref` accepted, in bytes.
 pub(crate) const MAX_REF_LEN: usize = 128;
 
@@ -143,20 +145,22 @@ struct ResetFrame<'a> {
     from: u64,
 }
 
-/// An event (`{"op":"event",...}`, built once per event and shared by every
-/// socket) or a reset.
-pub(crate) fn delivery(d: &Delivery) -> ByteString {
+/// Appends a delivery as a WebSocket text frame: an event
+/// (`{"op":"event",...}`, built once per event and shared by every socket,
+/// copied from there without touching its reference count) or a reset.
+pub(crate) fn put_delivery(buf: &mut BytesMut, d: &Delivery) {
     match d {
         Delivery::Event(event) => {
-            let bytes = event.framed(Framing::WebSocket, event_frame).clone();
-            // The frame is the event's JSON text with a prefix: valid UTF-8.
-            ByteString::try_from(bytes).unwrap_or_else(|_| ByteString::from_static("{}"))
+            wire::put_text(buf, event.framed(Framing::WebSocket, event_frame));
         }
-        Delivery::Reset { topic, from } => text(ResetFrame {
-            op: "reset",
-            topic,
-            from: *from,
-        }),
+        Delivery::Reset { topic, from } => {
+            let reset = text(ResetFrame {
+                op: "reset",
+                topic,
+                from: *from,
+            });
+            wire::put_text(buf, reset.as_bytes());
+        }
     }
 }
 
@@ -174,7 +178,7 @@ mod tests {
     use rt_core::Event;
 
     #[test]
-    fn an_event_frame_is_the_event_json_with_the_op() {
+    fn deliveries_are_text_frames_of_the_event_json_with_the_op() {
         let e = SharedEvent::new(Event {
             topic: Topic::parse("t").unwrap(),
             seq: 4,
@@ -182,11 +186,30 @@ mod tests {
             data: RawValue::from_string("[1,2]".into()).unwrap(),
             time: chrono::DateTime::from_timestamp(0, 0).unwrap(),
         });
-        let frame = delivery(&Delivery::Event(e));
-        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(v["op"], "event");
-        assert_eq!(v["seq"], 4);
-        assert_eq!(v["data"], serde_json::json!([1, 2]));
+        let mut buf = BytesMut::new();
+        put_delivery(&mut buf, &Delivery::Event(e));
+        put_delivery(
+            &mut buf,
+            &Delivery::Reset {
+                topic: Topic::parse("t").unwrap(),
+                from: 9,
+            },
+        );
+        let frames = crate::wire::tests::decode_all(&mut buf);
+        let json = |i: usize| match &frames[i] {
+            actix_http::ws::Frame::Text(t) => {
+                serde_json::from_slice::<serde_json::Value>(t).unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        let event = json(0);
+        assert_eq!(event["op"], "event");
+        assert_eq!(event["seq"], 4);
+        assert_eq!(event["data"], serde_json::json!([1, 2]));
+        assert_eq!(
+            json(1),
+            serde_json::json!({"op": "reset", "topic": "t", "from": 9})
+        );
     }
 
     #[test]

@@ -25,7 +25,11 @@
 
 mod connection;
 mod frames;
+mod outbox;
+mod reader;
+mod wire;
 
+use actix_http::body::BodyStream;
 use actix_web::{HttpRequest, HttpResponse, http::header, web};
 use rt_core::{ApiError, Context, auth::Principal};
 
@@ -75,27 +79,24 @@ async fn upgrade(
     }
     check_origin(&req, &ctx.settings.cors_origins)?;
     let pass = ctx.ws_gate.enter()?;
-    let (response, session, stream) = actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL])
-        .map_err(|e| {
+    let mut response = actix_http::ws::handshake(req.head()).map_err(|e| {
         ApiError::bad_request(
             "not_a_websocket",
             format!("GET /v1/ws upgrades to a WebSocket: {e}"),
         )
     })?;
-    // Messages over --max-body-bytes are refused with close code 1009 once
-    // read whole, so the close frame reaches the client; the decoder's own
-    // cap is higher and only stops absurd frames (those connections are cut).
-    let hard_cap = ctx
-        .settings
-        .max_body_bytes
-        .saturating_mul(4)
-        .max(ctx.settings.max_body_bytes + 64 * 1024);
-    let stream = stream
-        .max_frame_size(hard_cap)
-        .aggregate_continuations()
-        .max_continuation_size(hard_cap);
+    let offered = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if offered {
+        response.insert_header((header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL));
+    }
     let ctx = ctx.into_inner().as_ref().clone();
-    // MessageStream is !Send: the socket lives on this worker.
-    actix_web::rt::spawn(connection::run(ctx, principal, session, stream, pass));
-    Ok(response)
+    let body = connection::open(ctx, principal, body, pass);
+    Ok(HttpResponse::from(
+        response.body(BodyStream::new(body)).map_into_boxed_body(),
+    ))
 }
