@@ -27,6 +27,8 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Map, Value, json};
 
+use crate::plot::{self, Series};
+
 /// Lines of a child's stderr kept for an error message.
 const STDERR_TAIL: usize = 20;
 
@@ -62,6 +64,11 @@ pub(crate) struct Args {
     /// Postgres server for the edges (sse, ws); without it, theirs by default.
     #[arg(long)]
     database_url: Option<String>,
+    /// Also draw SVG charts of the figures into this directory:
+    /// `latency.svg` (p50 and p99 against connections, per technique) and
+    /// `deliveries.svg` (burst deliveries/s against connections).
+    #[arg(long)]
+    plot_dir: Option<std::path::PathBuf>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -189,6 +196,61 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     print_report(&args, bus, &reports);
+    if let Some(dir) = &args.plot_dir {
+        plot(dir, &args, bus, &reports)?;
+    }
+    Ok(())
+}
+
+/// The two charts of `--plot-dir`.
+fn plot(
+    dir: &Path,
+    args: &Args,
+    bus: &str,
+    reports: &[(usize, [Figures; 3])],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let series = |label: &str, i: usize, get: fn(&Figures) -> f64| Series {
+        label: label.to_owned(),
+        points: reports
+            .iter()
+            .map(|(n, figures)| (*n as f64, get(&figures[i])))
+            .collect(),
+    };
+    let mut latency = Vec::new();
+    for (i, technique) in TECHNIQUES.iter().enumerate() {
+        latency.push(series(&format!("{technique} p50"), i, |f| f.p50_ms));
+        latency.push(series(&format!("{technique} p99"), i, |f| f.p99_ms));
+    }
+    let deliveries: Vec<Series> = TECHNIQUES
+        .iter()
+        .enumerate()
+        .map(|(i, technique)| series(technique, i, |f| f.deliveries_per_sec))
+        .collect();
+    let latency_path = dir.join("latency.svg");
+    plot::lines(
+        &latency_path,
+        &format!(
+            "publish -> receive latency at {} events/s ({bus} bus)",
+            args.rate
+        ),
+        "connections on one topic",
+        "ms",
+        &latency,
+    )?;
+    let deliveries_path = dir.join("deliveries.svg");
+    plot::lines(
+        &deliveries_path,
+        &format!("burst deliveries per second ({bus} bus)"),
+        "connections on one topic",
+        "deliveries/s",
+        &deliveries,
+    )?;
+    println!(
+        "charts: {} and {}",
+        latency_path.display(),
+        deliveries_path.display()
+    );
     Ok(())
 }
 

@@ -44,6 +44,8 @@
 //! idle connection.
 
 mod compare;
+mod http1;
+mod plot;
 mod poll;
 mod publish;
 mod push;

@@ -16,13 +16,14 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use rt_core::{Context, config::Settings, server::Application};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use crate::server::Services;
+use crate::{http1::Http1, server::Services};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -124,7 +125,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let handle = app.stop_handle();
     tokio::spawn(app.run_until_stopped());
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.waiters + 1)
         .timeout(Duration::from_secs(args.wait + 30))
         .build()?;
 
@@ -160,15 +160,20 @@ async fn wake_up(
     run: usize,
 ) -> anyhow::Result<Figure> {
     let url = format!("{base}/v1/topics/poll{run}/events");
+    let addr: std::net::SocketAddr = base
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("the server's address {base:?}"))?;
+    let path = format!("/v1/topics/poll{run}/events");
     let ready = Arc::new(AtomicUsize::new(0));
     // Dropping the set (on an error) aborts the waiters still polling.
     let mut waiters = JoinSet::new();
     for id in 0..args.waiters {
-        let (http, url, ready) = (http.clone(), url.clone(), ready.clone());
+        let (path, ready) = (path.clone(), ready.clone());
         let (events, limit, wait) = (args.events, args.limit, args.wait);
         waiters.spawn(async move {
             ready.fetch_add(1, Ordering::Relaxed);
-            waiter(&http, &url, id, events, limit, wait).await
+            waiter(Http1::new(addr), &path, id, events, limit, wait).await
         });
     }
     let spawned = Instant::now();
@@ -240,8 +245,8 @@ async fn wake_up(
 /// Long-polls `url` from `after=0`, following `next`, until it holds seq
 /// `events`; every seq must come exactly once and in order.
 async fn waiter(
-    http: &reqwest::Client,
-    url: &str,
+    mut http: Http1,
+    path: &str,
     id: usize,
     events: u64,
     limit: u32,
@@ -250,18 +255,16 @@ async fn waiter(
     let mut hist = Histogram::<u32>::new(3)?;
     let (mut last, mut polls, mut empty_polls) = (0, 0, 0);
     while last < events {
-        let res = http
-            .get(format!("{url}?after={last}&limit={limit}&wait={wait}"))
-            .send()
+        let (status, body) = http
+            .get(&format!("{path}?after={last}&limit={limit}&wait={wait}"))
             .await?;
-        anyhow::ensure!(
-            res.status() == 200,
-            "waiter {id}: poll after {last} answered {}",
-            res.status()
-        );
-        let body = res.bytes().await?;
         let received = now_us();
-        let page: Page = serde_json::from_slice(&body)?;
+        anyhow::ensure!(
+            status == 200,
+            "waiter {id}: poll after {last} answered {status}: {}",
+            String::from_utf8_lossy(body)
+        );
+        let page: Page = serde_json::from_slice(body)?;
         polls += 1;
         anyhow::ensure!(
             page.reset.is_none(),

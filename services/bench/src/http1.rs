@@ -1,0 +1,220 @@
+//! A keep-alive HTTP/1.1 `GET` client for the bench's request loops (long
+//! polling), for the reason `sse_client` exists: client and server share
+//! the machine's cores, and an HTTP library's per-request work (a pooled
+//! connection checked out and in, header maps, a body stream) is taken from
+//! the server under test. One connection, one reused buffer, no allocation
+//! per request beyond the request line.
+
+use std::{fmt::Write as _, net::SocketAddr};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Longest response head accepted.
+const LONGEST_HEAD: usize = 16 * 1024;
+
+pub(crate) struct Http1 {
+    addr: SocketAddr,
+    socket: Option<TcpStream>,
+    request: String,
+    buf: Vec<u8>,
+}
+
+impl Http1 {
+    /// A client of `addr`; it connects on the first request.
+    pub(crate) fn new(addr: SocketAddr) -> Http1 {
+        Http1 {
+            addr,
+            socket: None,
+            request: String::new(),
+            buf: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Sends `GET path` and reads the whole answer: its status and body
+    /// (which needs a `content-length`). A kept-alive connection the server
+    /// closed before answering is reopened once.
+    pub(crate) async fn get(&mut self, path: &str) -> anyhow::Result<(u16, &[u8])> {
+        self.request.clear();
+        let _ = write!(
+            self.request,
+            "GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n",
+            self.addr
+        );
+        let (status, body, close) = match self.exchange().await {
+            Err(e) if e.downcast_ref::<ClosedIdle>().is_some() => {
+                self.socket = None;
+                self.exchange().await?
+            }
+            other => other?,
+        };
+        if close {
+            self.socket = None;
+        }
+        Ok((status, &self.buf[body.0..body.1]))
+    }
+
+    /// One request and its response: status, body range in `buf`, and
+    /// whether the server closes the connection after it.
+    async fn exchange(&mut self) -> anyhow::Result<(u16, (usize, usize), bool)> {
+        let reused = self.socket.is_some();
+        let socket = match &mut self.socket {
+            Some(socket) => socket,
+            None => {
+                let socket = TcpStream::connect(self.addr)
+                    .await
+                    .with_context(|| format!("connecting to {}", self.addr))?;
+                socket.set_nodelay(true)?;
+                self.socket.insert(socket)
+            }
+        };
+        socket.write_all(self.request.as_bytes()).await?;
+        self.buf.clear();
+        let head_end = loop {
+            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            anyhow::ensure!(self.buf.len() < LONGEST_HEAD, "response head too long");
+            self.buf.reserve(4096);
+            if socket.read_buf(&mut self.buf).await? == 0 {
+                if reused && self.buf.is_empty() {
+                    return Err(ClosedIdle.into());
+                }
+                anyhow::bail!("the server closed the connection before a whole response head");
+            }
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).context("response head")?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("status line {status_line:?}"))?;
+        let (mut length, mut close) = (None, false);
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse::<usize>().ok(),
+                "connection" => close = value.eq_ignore_ascii_case("close"),
+                "transfer-encoding" => {
+                    anyhow::bail!(
+                        "{status_line}: a {value} body (this client reads content-length bodies)"
+                    )
+                }
+                _ => {}
+            }
+        }
+        let length = length.with_context(|| format!("{status_line} without a content-length"))?;
+        let end = head_end + length;
+        while self.buf.len() < end {
+            self.buf.reserve(end - self.buf.len());
+            anyhow::ensure!(
+                socket.read_buf(&mut self.buf).await? > 0,
+                "the server closed the connection inside a body"
+            );
+        }
+        anyhow::ensure!(self.buf.len() == end, "bytes after the response body");
+        Ok((status, (head_end, end), close))
+    }
+}
+
+/// A kept-alive connection was closed by the server while idle.
+#[derive(Debug)]
+struct ClosedIdle;
+
+impl std::fmt::Display for ClosedIdle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server closed the idle connection")
+    }
+}
+
+impl std::error::Error for ClosedIdle {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Answers each request on one connection with the next of `replies`,
+    /// then closes it; counts connections.
+    async fn serve(replies: Vec<&'static str>) -> (SocketAddr, tokio::task::JoinHandle<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut replies = replies.into_iter();
+            let mut connections = 0;
+            while let Some(first) = replies.next() {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                connections += 1;
+                let mut next = Some(first);
+                while let Some(reply) = next {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut byte = [0u8; 1];
+                        if socket.read(&mut byte).await.unwrap() == 0 {
+                            break;
+                        }
+                        head.push(byte[0]);
+                    }
+                    if reply.is_empty() {
+                        break; // close without answering
+                    }
+                    for piece in reply.as_bytes().chunks(5) {
+                        socket.write_all(piece).await.unwrap();
+                    }
+                    next = replies.next();
+                }
+            }
+            connections
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn answers_come_whole_on_one_kept_alive_connection() {
+        let (addr, server) = serve(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst",
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}",
+        ])
+        .await;
+        let mut http = Http1::new(addr);
+        let (status, body) = http.get("/a?x=1").await.unwrap();
+        assert_eq!((status, body), (200, &b"first"[..]));
+        let (status, body) = http.get("/b").await.unwrap();
+        assert_eq!((status, body), (404, &b"{}"[..]));
+        drop(http);
+        assert_eq!(server.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_reopened() {
+        let (addr, server) = serve(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na",
+            "",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb",
+        ])
+        .await;
+        let mut http = Http1::new(addr);
+        assert_eq!(http.get("/").await.unwrap().1, b"a");
+        assert_eq!(http.get("/").await.unwrap().1, b"b");
+        drop(http);
+        assert_eq!(server.await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn bodies_without_a_length_are_refused() {
+        let (addr, _server) = serve(vec![
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ])
+        .await;
+        let err = Http1::new(addr).get("/").await.unwrap_err().to_string();
+        assert!(err.contains("chunked"), "{err}");
+    }
+}
