@@ -116,7 +116,9 @@ pub struct Settings {
 
     /// Events a local subscriber may fall behind the live hub before it
     /// catches up from the log instead.
-    #[arg(long, env = "RT_HUB_QUEUE", default_value_t = 1024)]
+    /// The ring holds only the events not yet read by every subscriber, so
+    /// the bound costs nothing on an idle topic.
+    #[arg(long, env = "RT_HUB_QUEUE", default_value_t = 4096)]
     pub hub_queue: usize,
 
     /// How long the hub keeps a topic's bus subscription and cache after its
@@ -295,7 +297,7 @@ impl Default for Settings {
             poll_default_limit: 100,
             poll_retry_after: 1,
             hub_cache_events: 256,
-            hub_queue: 1024,
+            hub_queue: 4096,
             hub_linger: Duration::from_secs(30),
             head_check_interval: Duration::from_secs(2),
             max_topics: 100,
