@@ -13,7 +13,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -23,7 +23,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use crate::{http1::Http1, server::Services};
+use crate::{
+    http1::Http1,
+    server::{Services, now_us, publish_stamped},
+};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -305,39 +308,16 @@ async fn publish(
     events: u64,
     interval_ms: u64,
 ) -> anyhow::Result<Histogram<u32>> {
-    #[derive(Deserialize)]
-    struct Published {
-        seq: u64,
-    }
     let mut hist = Histogram::<u32>::new(3)?;
     for seq in 1..=events {
         if seq > 1 {
             tokio::time::sleep(Duration::from_millis(interval_ms)).await;
         }
         let sent = Instant::now();
-        let res = http
-            .post(url)
-            .json(&json!({"data": {"sent_us": now_us()}}))
-            .send()
-            .await?;
-        anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
-        let published: Published = res.json().await?;
-        anyhow::ensure!(
-            published.seq == seq,
-            "publish got seq {} (expected {seq})",
-            published.seq
-        );
+        publish_stamped(http, url, seq).await?;
         hist.record(sent.elapsed().as_micros() as u64)?;
     }
     Ok(hist)
-}
-
-/// Microseconds since the UNIX epoch, by the wall clock (the same clock on
-/// both ends: publisher and waiters share this process).
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The median of every figure, each taken on its own over the runs.

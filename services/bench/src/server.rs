@@ -152,19 +152,12 @@ pub(crate) async fn publish_at_rate(
     for seq in 1..=events {
         tick.tick().await;
         if let [topic] = topics {
-            let url = server.url(&format!("/v1/topics/{topic}/events"));
-            let res = http
-                .post(&url)
-                .json(&json!({"data": {"sent_us": now_us()}}))
-                .send()
-                .await?;
-            anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
-            let published: Published = res.json().await?;
-            anyhow::ensure!(
-                published.seq == seq,
-                "publish got seq {} (expected {seq})",
-                published.seq
-            );
+            publish_stamped(
+                http,
+                &server.url(&format!("/v1/topics/{topic}/events")),
+                seq,
+            )
+            .await?;
             continue;
         }
         let url = server.url("/v1/events");
@@ -193,6 +186,32 @@ pub(crate) async fn publish_at_rate(
             done?;
         }
     }
+    Ok(())
+}
+
+/// Publishes one event carrying the wall-clock time it was sent at to the
+/// topic route `url`, checking that it got `seq`.
+pub(crate) async fn publish_stamped(
+    http: &reqwest::Client,
+    url: &str,
+    seq: u64,
+) -> anyhow::Result<()> {
+    #[derive(Deserialize)]
+    struct Published {
+        seq: u64,
+    }
+    let res = http
+        .post(url)
+        .json(&json!({"data": {"sent_us": now_us()}}))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status() == 201, "publish answered {}", res.status());
+    let published: Published = res.json().await?;
+    anyhow::ensure!(
+        published.seq == seq,
+        "publish got seq {} (expected {seq})",
+        published.seq
+    );
     Ok(())
 }
 
