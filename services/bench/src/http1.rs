@@ -74,8 +74,8 @@ impl Http1 {
         socket.write_all(self.request.as_bytes()).await?;
         self.buf.clear();
         let head_end = loop {
-            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
+            if let Some(end) = head_end(&self.buf) {
+                break end;
             }
             anyhow::ensure!(self.buf.len() < LONGEST_HEAD, "response head too long");
             self.buf.reserve(4096);
@@ -86,32 +86,17 @@ impl Http1 {
                 anyhow::bail!("the server closed the connection before a whole response head");
             }
         };
-        let head = std::str::from_utf8(&self.buf[..head_end]).context("response head")?;
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let status: u16 = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("status line {status_line:?}"))?;
-        let (mut length, mut close) = (None, false);
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "content-length" => length = value.parse::<usize>().ok(),
-                "connection" => close = value.eq_ignore_ascii_case("close"),
-                "transfer-encoding" => {
-                    anyhow::bail!(
-                        "{status_line}: a {value} body (this client reads content-length bodies)"
-                    )
-                }
-                _ => {}
-            }
+        let head = Head::parse(&self.buf[..head_end])?;
+        if let Some(encoding) = head.transfer_encoding {
+            anyhow::bail!(
+                "{}: a {encoding} body (this client reads content-length bodies)",
+                head.status_line
+            );
         }
-        let length = length.with_context(|| format!("{status_line} without a content-length"))?;
+        let (status, close) = (head.status, head.close);
+        let length = head
+            .content_length
+            .with_context(|| format!("{} without a content-length", head.status_line))?;
         let end = head_end + length;
         while self.buf.len() < end {
             self.buf.reserve(end - self.buf.len());
@@ -122,6 +107,66 @@ impl Http1 {
         }
         anyhow::ensure!(self.buf.len() == end, "bytes after the response body");
         Ok((status, (head_end, end), close))
+    }
+}
+
+/// Where the response head in `buf` ends (after its blank line), once it has.
+pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+/// A response head, as far as the bench's clients read it.
+pub(crate) struct Head<'a> {
+    pub(crate) status_line: &'a str,
+    pub(crate) status: u16,
+    pub(crate) content_type: &'a str,
+    pub(crate) content_length: Option<usize>,
+    pub(crate) transfer_encoding: Option<&'a str>,
+    /// `connection: close`: the server closes after this response.
+    pub(crate) close: bool,
+}
+
+impl<'a> Head<'a> {
+    /// Parses `head` (status line, header lines, blank line).
+    pub(crate) fn parse(head: &'a [u8]) -> anyhow::Result<Head<'a>> {
+        let head = std::str::from_utf8(head).context("response head")?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("status line {status_line:?}"))?;
+        let mut parsed = Head {
+            status_line,
+            status,
+            content_type: "",
+            content_length: None,
+            transfer_encoding: None,
+            close: false,
+        };
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-type" => parsed.content_type = value,
+                "content-length" => parsed.content_length = value.parse().ok(),
+                "transfer-encoding" => parsed.transfer_encoding = Some(value),
+                "connection" => parsed.close = value.eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Whether the body comes in chunks.
+    pub(crate) fn chunked(&self) -> bool {
+        self.transfer_encoding
+            .is_some_and(|e| e.eq_ignore_ascii_case("chunked"))
     }
 }
 

@@ -28,7 +28,10 @@ use tokio::{
     time::{Duration, timeout},
 };
 
-use crate::server::{Drops, Msg, now_us};
+use crate::{
+    http1::{Head, head_end},
+    server::{Drops, Msg, now_us},
+};
 
 /// Bytes read from the socket at a time.
 const READ: usize = 16 * 1024;
@@ -102,8 +105,8 @@ impl SseStream {
 
         let mut wire = Vec::with_capacity(READ);
         let head_end = loop {
-            if let Some(at) = find(&wire, b"\r\n\r\n") {
-                break at + 4;
+            if let Some(end) = head_end(&wire) {
+                break end;
             }
             anyhow::ensure!(wire.len() < LONGEST_LINE, "response head too long");
             wire.reserve(READ);
@@ -112,27 +115,12 @@ impl SseStream {
                 .context("no response head within 30 s")??;
             anyhow::ensure!(read > 0, "closed before the response head");
         };
-        let head = std::str::from_utf8(&wire[..head_end]).context("response head")?;
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default().to_owned();
-        let mut content_type = String::new();
-        let mut chunked = false;
-        let mut length = 0;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "content-type" => content_type = value.to_owned(),
-                "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-                "content-length" => length = value.parse().unwrap_or(0),
-                _ => {}
-            }
-        }
-        if status_line.split(' ').nth(1) != Some("200") {
+        let head = Head::parse(&wire[..head_end])?;
+        let chunked = head.chunked();
+        if head.status != 200 {
+            let status_line = head.status_line.to_owned();
             // The error body (its start), for the message.
-            let want = head_end + length.min(4096);
+            let want = head_end + head.content_length.unwrap_or(0).min(4096);
             let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
             while wire.len() < want {
                 match tokio::time::timeout_at(give_up, socket.read_buf(&mut wire)).await {
@@ -146,8 +134,10 @@ impl SseStream {
             );
         }
         anyhow::ensure!(
-            content_type.starts_with("text/event-stream"),
-            "{status_line} with content type {content_type:?}, not text/event-stream"
+            head.content_type.starts_with("text/event-stream"),
+            "{} with content type {:?}, not text/event-stream",
+            head.status_line,
+            head.content_type
         );
         wire.drain(..head_end);
         let mut stream = SseStream {
