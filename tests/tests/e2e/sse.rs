@@ -20,25 +20,10 @@ async fn events_published_after_connecting_arrive_framed_for_eventsource() {
     let mut stream = connect(&app.http, &app.url("/v1/sse?topic=a&topic=b"), None)
         .await
         .unwrap();
+    // Each event is read before the next is published: a stream's topics
+    // are fed separately (over NATS, one subscription each), so no order
+    // across topics is implied, and the ids below name the order seen.
     app.publish_ok("a", json!({"n": 1})).await;
-    let res = app
-        .publish(
-            "b",
-            &json!({"type": "note", "data": {"text": "two\nlines"}}),
-        )
-        .await;
-    assert_eq!(res.status(), 201);
-    // Pretty-printed data keeps its line breaks: several `data:` lines.
-    let res = app
-        .http
-        .post(app.url("/v1/topics/a/events"))
-        .header("Content-Type", "application/json")
-        .body("{\"data\": {\n  \"pretty\": true\n}}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-
     let first = next_event(&mut stream, WAIT).await.unwrap();
     assert_eq!(first.id, "a:1,b:0", "the id is the whole stream's position");
     assert_eq!(first.event, "message");
@@ -49,6 +34,13 @@ async fn events_published_after_connecting_arrive_framed_for_eventsource() {
     );
     assert!(data["time"].as_str().is_some_and(|t| t.ends_with('Z')));
 
+    let res = app
+        .publish(
+            "b",
+            &json!({"type": "note", "data": {"text": "two\nlines"}}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
     let second = next_event(&mut stream, WAIT).await.unwrap();
     assert_eq!(
         (second.id.as_str(), second.event.as_str()),
@@ -57,6 +49,16 @@ async fn events_published_after_connecting_arrive_framed_for_eventsource() {
     let data: Value = serde_json::from_str(&second.data).unwrap();
     assert_eq!(data["data"]["text"], "two\nlines");
 
+    // Pretty-printed data keeps its line breaks: several `data:` lines.
+    let res = app
+        .http
+        .post(app.url("/v1/topics/a/events"))
+        .header("Content-Type", "application/json")
+        .body("{\"data\": {\n  \"pretty\": true\n}}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
     let third = next_event(&mut stream, WAIT).await.unwrap();
     assert_eq!(third.id, "a:2,b:1");
     let data: Value = serde_json::from_str(&third.data).unwrap();
