@@ -44,12 +44,12 @@ pub fn nats_url() -> String {
 }
 
 /// Every service's routes, as the all-in-one `realtime` binary mounts them.
-pub fn configure_all(cfg: &mut actix_web::web::ServiceConfig) {
-    rt_publisher::configure(cfg);
-    rt_poll_api::configure(cfg);
-    rt_sse_edge::configure(cfg);
-    rt_ws_edge::configure(cfg);
-    rt_push_dispatcher::configure(cfg);
+pub fn routes_all() -> rt_core::server::Routes {
+    rt_publisher::routes()
+        .merge(rt_poll_api::routes())
+        .merge(rt_sse_edge::routes())
+        .merge(rt_ws_edge::routes())
+        .merge(rt_push_dispatcher::routes())
 }
 
 /// A subject prefix no other test uses.
@@ -232,7 +232,7 @@ impl TestApp {
         db: Option<TestDb>,
         dir: Option<TempDir>,
     ) -> TestApp {
-        let app = Application::build(ctx.clone(), configure_all).expect("bind");
+        let app = Application::build(ctx.clone(), routes_all()).expect("bind");
         let base = format!("http://127.0.0.1:{}", app.port());
         let handle = app.stop_handle();
         tokio::spawn(app.run_until_stopped());

@@ -13,7 +13,12 @@
 
 use std::{future::Ready, path::Path};
 
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use actix_web::{
+    FromRequest, HttpRequest,
+    cookie::Cookie,
+    dev::{Payload, RequestHead},
+    web,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
@@ -118,7 +123,7 @@ impl Auth {
     }
 
     /// Finds and checks the request's token.
-    pub fn authenticate(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
+    pub fn authenticate(&self, req: &RequestHead) -> Result<Principal, ApiError> {
         let (key, validation) = match self {
             Auth::Anonymous => return Ok(Principal::anonymous()),
             Auth::Jwt { key, validation } => (key, validation),
@@ -164,7 +169,7 @@ impl Auth {
     }
 }
 
-fn find_token(req: &HttpRequest) -> Option<String> {
+fn find_token(req: &RequestHead) -> Option<String> {
     if let Some(value) = req
         .headers()
         .get("authorization")
@@ -175,10 +180,19 @@ fn find_token(req: &HttpRequest) -> Option<String> {
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned());
     }
-    if let Some(cookie) = req.cookie(TOKEN_COOKIE) {
+    // As actix-web reads cookies: `;`-separated, percent-decoded, the
+    // unparsable skipped.
+    let cookie = req
+        .headers()
+        .get_all("cookie")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';').map(str::trim))
+        .filter_map(|c| Cookie::parse_encoded(c).ok())
+        .find(|c| c.name() == TOKEN_COOKIE);
+    if let Some(cookie) = cookie {
         return Some(cookie.value().to_owned());
     }
-    web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+    web::Query::<Vec<(String, String)>>::from_query(req.uri.query().unwrap_or_default())
         .ok()?
         .0
         .into_iter()
@@ -276,7 +290,7 @@ impl FromRequest for Principal {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let result = match req.app_data::<web::Data<Context>>() {
-            Some(ctx) => ctx.auth.authenticate(req),
+            Some(ctx) => ctx.auth.authenticate(req.head()),
             None => Err(ApiError::internal(anyhow::anyhow!(
                 "no Context in app data"
             ))),

@@ -20,6 +20,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod front;
 pub mod gate;
 pub mod http;
 pub mod hub;

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub hub_lagged: IntCounter,
     pub streams_open: IntGaugeVec,
     pub streams_closed: IntCounterVec,
+    pub streams_direct: IntCounterVec,
 }
 
 impl Metrics {
@@ -101,6 +102,16 @@ impl Metrics {
             &["kind", "reason"],
         )
         .expect("valid metric");
+        let streams_direct = IntCounterVec::new(
+            Opts::new(
+                "streams_direct_total",
+                "Long-lived responses served on their socket by the connection front, by route \
+                 (the others went through the HTTP server: later requests on kept-alive \
+                 connections, and refusals)",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(events_committed.clone()),
@@ -115,6 +126,7 @@ impl Metrics {
             Box::new(hub_lagged.clone()),
             Box::new(streams_open.clone()),
             Box::new(streams_closed.clone()),
+            Box::new(streams_direct.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -133,6 +145,7 @@ impl Metrics {
             hub_lagged,
             streams_open,
             streams_closed,
+            streams_direct,
         }
     }
 

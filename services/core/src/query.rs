@@ -1,12 +1,20 @@
 //! Query-string pieces every edge reads the same way: topic lists, single
 //! parameters and positions.
 
-use actix_web::web;
+use actix_web::{dev::RequestHead, web};
 
 use crate::{ApiError, Position, Topic, event::PositionError};
 
 /// Raw query pairs, in order (repeated keys such as `topic` allowed).
 pub type QueryPairs = web::Query<Vec<(String, String)>>;
+
+/// A request's query pairs, refused as the [`QueryPairs`] extractor refuses
+/// them (routes served outside actix-web's extractors read them here).
+pub fn pairs(head: &RequestHead) -> Result<Vec<(String, String)>, ApiError> {
+    QueryPairs::from_query(head.uri.query().unwrap_or_default())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))
+}
 
 /// The `topic=` parameters, deduplicated, checked to be 1 to `max` names.
 pub fn topics(query: &[(String, String)], max: usize) -> Result<Vec<Topic>, ApiError> {

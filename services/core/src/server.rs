@@ -1,11 +1,15 @@
 //! Starting and stopping a service: bind, serve the routes, stop gracefully.
 
-use std::net::TcpListener;
+use std::{net::TcpListener, rc::Rc, time::Duration};
 
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{
+    IntoServiceFactory, ServiceFactory, ServiceFactoryExt, fn_factory, fn_service, map_config,
+};
 use actix_web::{
-    App, Error, HttpResponse, HttpServer,
+    App, Error, HttpResponse,
     body::{BoxBody, MessageBody},
-    dev::{Server, ServerHandle, ServiceRequest, ServiceResponse},
+    dev::{AppConfig, Server, ServerHandle, ServiceRequest, ServiceResponse},
     http::{Method, header},
     middleware::{Next, from_fn},
     web,
@@ -14,8 +18,60 @@ use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::{
-    config::Settings, context::Context, error::ApiError, http, ops, shutdown::Shutdown, telemetry,
+    config::Settings,
+    context::Context,
+    error::ApiError,
+    front::{Front, StreamRoute},
+    http, ops,
+    shutdown::Shutdown,
+    telemetry,
 };
+
+/// What a service serves: its actix-web routes, and those of them whose
+/// responses last (see [`crate::front`]). The all-in-one binary merges
+/// every service's.
+#[derive(Clone, Default)]
+pub struct Routes {
+    services: Vec<fn(&mut web::ServiceConfig)>,
+    streams: Vec<StreamRoute>,
+}
+
+impl Routes {
+    pub fn new() -> Routes {
+        Routes::default()
+    }
+
+    /// Adds routes mounted in actix-web.
+    pub fn service(mut self, configure: fn(&mut web::ServiceConfig)) -> Routes {
+        self.services.push(configure);
+        self
+    }
+
+    /// Serves `route` on the socket itself when a connection opens with it;
+    /// its actix-web route must be mounted too (by a [`Routes::service`]).
+    pub fn stream(mut self, route: StreamRoute) -> Routes {
+        self.streams.push(route);
+        self
+    }
+
+    /// Adds everything `other` serves.
+    pub fn merge(mut self, other: Routes) -> Routes {
+        self.services.extend(other.services);
+        self.streams.extend(other.streams);
+        self
+    }
+
+    fn configure(&self, cfg: &mut web::ServiceConfig) {
+        for configure in &self.services {
+            configure(cfg);
+        }
+    }
+}
+
+/// How long a client may take to send a request head, and to close after
+/// the server's last response (actix-web's defaults).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A bound, not yet running server. Bind to port 0 and read [`Application::port`]
 /// to serve on a free port (tests do).
@@ -44,49 +100,72 @@ impl StopHandle {
 
 impl Application {
     /// Binds `ctx.settings.bind` and prepares the server with the ops routes
-    /// and the routes `configure` adds.
-    pub fn build<F>(ctx: Context, configure: F) -> anyhow::Result<Application>
-    where
-        F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
-    {
+    /// and `routes`.
+    pub fn build(ctx: Context, routes: Routes) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(&ctx.settings.bind)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", ctx.settings.bind))?;
-        let port = listener.local_addr()?.port();
+        let addr = listener.local_addr()?;
         let workers = ctx
             .settings
             .http_workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let shutdown_secs = ctx.settings.shutdown_timeout.as_secs().max(1);
         let shutdown = ctx.shutdown.clone();
-        let (user_timeout, send_buffer) =
-            (ctx.settings.tcp_user_timeout, ctx.settings.tcp_send_buffer);
-        let data = web::Data::new(ctx);
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                    ApiError::bad_request("invalid_query", e.to_string()).into()
-                }))
-                .app_data(web::PathConfig::default().error_handler(|e, _| {
-                    ApiError::bad_request("invalid_path", e.to_string()).into()
-                }))
-                .wrap(from_fn(cors))
-                .wrap(from_fn(observe))
-                .configure(ops::configure)
-                .configure(configure.clone())
-                .default_service(web::to(http::not_found))
-        })
-        .on_connect(move |conn, _| tune_socket(conn, user_timeout, send_buffer))
-        .workers(workers)
-        .shutdown_timeout(shutdown_secs)
-        // run_service handles SIGTERM/SIGINT itself, to signal long-lived
-        // responses before the server stops.
-        .disable_signals()
-        .listen(listener)?
-        .run();
+        let builder = Server::build()
+            .workers(workers)
+            .shutdown_timeout(ctx.settings.shutdown_timeout.as_secs().max(1))
+            // run_service handles SIGTERM/SIGINT itself, to signal long-lived
+            // responses before the server stops.
+            .disable_signals();
+        let graceful = builder.graceful_shutdown_signal();
+        let server = builder
+            .listen("realtime-http", listener, move || {
+                let data = web::Data::new(ctx.clone());
+                let (streams, routes) = (routes.streams.clone(), routes.clone());
+                let app = App::new()
+                    .app_data(data)
+                    .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                        ApiError::bad_request("invalid_query", e.to_string()).into()
+                    }))
+                    .app_data(web::PathConfig::default().error_handler(|e, _| {
+                        ApiError::bad_request("invalid_path", e.to_string()).into()
+                    }))
+                    .wrap(from_fn(cors))
+                    .wrap(from_fn(observe))
+                    .configure(ops::configure)
+                    .configure(move |cfg| routes.configure(cfg))
+                    .default_service(web::to(http::not_found));
+                let app = app
+                    .into_factory()
+                    .map_err(|err: Error| err.error_response());
+                let graceful = graceful.clone();
+                let http = HttpService::build()
+                    .graceful_shutdown_signal(move || {
+                        let signal = graceful.clone();
+                        async move { signal.notified().await }
+                    })
+                    .keep_alive(KeepAlive::default())
+                    .client_request_timeout(REQUEST_TIMEOUT)
+                    .client_disconnect_timeout(DISCONNECT_TIMEOUT)
+                    .local_addr(addr)
+                    .finish(map_config(app, |()| AppConfig::default()));
+                let front = Rc::new(Front::new(ctx.clone(), streams, REQUEST_TIMEOUT));
+                let tuning = (ctx.settings.tcp_user_timeout, ctx.settings.tcp_send_buffer);
+                fn_factory(move || {
+                    let http = http.new_service(());
+                    let front = front.clone();
+                    async move {
+                        let http = Rc::new(http.await?);
+                        Ok::<_, ()>(fn_service(move |io: actix_web::rt::net::TcpStream| {
+                            tune_socket(&io, tuning.0, tuning.1);
+                            front.clone().connection(io, http.clone())
+                        }))
+                    }
+                })
+            })?
+            .run();
         Ok(Application {
             server,
-            port,
+            port: addr.port(),
             shutdown,
         })
     }
@@ -116,27 +195,21 @@ impl Application {
 pub type Worker = Box<dyn FnOnce(Context) -> BoxFuture<'static, ()> + Send>;
 
 /// What every service's `main` does: telemetry, connect, bind, serve.
-pub async fn run_service<F>(
+pub async fn run_service(
     name: &'static str,
     settings: Settings,
-    configure: F,
-) -> anyhow::Result<()>
-where
-    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
-{
-    run_service_with(name, settings, configure, Vec::new()).await
+    routes: Routes,
+) -> anyhow::Result<()> {
+    run_service_with(name, settings, routes, Vec::new()).await
 }
 
 /// [`run_service`] with [`Worker`]s beside the server.
-pub async fn run_service_with<F>(
+pub async fn run_service_with(
     name: &'static str,
     settings: Settings,
-    configure: F,
+    routes: Routes,
     workers: Vec<Worker>,
-) -> anyhow::Result<()>
-where
-    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
-{
+) -> anyhow::Result<()> {
     let _telemetry = telemetry::init(name, &settings, "info")?;
     let ctx = Context::connect(settings).await?;
     let (store, bus, bind) = (ctx.store.kind(), ctx.bus.kind(), ctx.settings.bind.clone());
@@ -145,7 +218,7 @@ where
         .into_iter()
         .map(|worker| tokio::spawn(worker(ctx.clone())))
         .collect();
-    let app = Application::build(ctx, configure)?;
+    let app = Application::build(ctx, routes)?;
     let host = bind.rsplit_once(':').map_or(bind.as_str(), |(h, _)| h);
     tracing::info!(
         service = name,
@@ -233,26 +306,52 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-/// CORS for browsers on other origins (`--cors-origins`). Listed origins are
-/// echoed with credentials allowed (cookies carry tokens); `*` allows any
-/// origin without credentials.
+/// Whether a request's `Origin` may read responses (`--cors-origins`):
+/// the value for `Access-Control-Allow-Origin`, and whether credentials are
+/// allowed. Listed origins are echoed with credentials allowed (cookies
+/// carry tokens); `*` allows any origin without credentials.
+pub(crate) fn cors_allow(
+    origins: &[String],
+    headers: &header::HeaderMap,
+) -> Option<(String, bool)> {
+    let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
+    if origins.iter().any(|o| o == origin) {
+        Some((origin.to_owned(), true))
+    } else if origins.iter().any(|a| a == "*") {
+        Some(("*".to_owned(), false))
+    } else {
+        None
+    }
+}
+
+/// The CORS headers of a response to an allowed origin.
+pub(crate) fn put_cors_headers(headers: &mut header::HeaderMap, origin: &str, credentials: bool) {
+    // unwrap: origins come from a valid header or the "*" literal
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_str(origin).expect("valid origin header"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        header::HeaderValue::from_static("ETag, Retry-After, Idempotent-Replayed"),
+    );
+    headers.append(header::VARY, header::HeaderValue::from_static("Origin"));
+    if credentials {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            header::HeaderValue::from_static("true"),
+        );
+    }
+}
+
+/// CORS for browsers on other origins (see [`cors_allow`]).
 async fn cors(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, Error> {
-    let origins = req
-        .app_data::<web::Data<Context>>()
-        .map(|ctx| ctx.settings.cors_origins.clone())
-        .unwrap_or_default();
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-        .map(str::to_owned);
-    let allow = match origin {
-        Some(o) if origins.contains(&o) => Some((o, true)),
-        Some(_) if origins.iter().any(|a| a == "*") => Some(("*".to_owned(), false)),
-        _ => None,
+    let allow = match req.app_data::<web::Data<Context>>() {
+        Some(ctx) => cors_allow(&ctx.settings.cors_origins, req.headers()),
+        None => None,
     };
     let preflight = req.method() == Method::OPTIONS
         && req
@@ -285,23 +384,7 @@ async fn cors(
     }
     let mut res = next.call(req).await?.map_into_boxed_body();
     if let Some((origin, credentials)) = allow {
-        let headers = res.headers_mut();
-        // unwrap: origins come from a valid header or the "*" literal
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            header::HeaderValue::from_str(&origin).expect("valid origin header"),
-        );
-        headers.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            header::HeaderValue::from_static("ETag, Retry-After, Idempotent-Replayed"),
-        );
-        headers.append(header::VARY, header::HeaderValue::from_static("Origin"));
-        if credentials {
-            headers.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                header::HeaderValue::from_static("true"),
-            );
-        }
+        put_cors_headers(res.headers_mut(), &origin, credentials);
     }
     Ok(res)
 }
@@ -310,13 +393,10 @@ async fn cors(
 /// after `user_timeout` of unacknowledged data, and holds at most
 /// `send_buffer` bytes there.
 fn tune_socket(
-    conn: &dyn std::any::Any,
+    tcp: &actix_web::rt::net::TcpStream,
     user_timeout: std::time::Duration,
     send_buffer: Option<usize>,
 ) {
-    let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
-        return;
-    };
     let socket = socket2::SockRef::from(tcp);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if !user_timeout.is_zero()

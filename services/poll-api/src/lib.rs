@@ -19,6 +19,11 @@ mod poll;
 
 use actix_web::{guard, web};
 
+/// What this service serves (its routes, as [`configure`] mounts them).
+pub fn routes() -> rt_core::server::Routes {
+    rt_core::server::Routes::new().service(configure)
+}
+
 /// Adds the poll-api routes. Resources carry method guards so that the
 /// publisher's POST routes on the same paths can live in the same process.
 pub fn configure(cfg: &mut web::ServiceConfig) {

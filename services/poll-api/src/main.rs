@@ -14,5 +14,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    rt_core::server::run_service("poll-api", args.settings, rt_poll_api::configure).await
+    rt_core::server::run_service("poll-api", args.settings, rt_poll_api::routes()).await
 }

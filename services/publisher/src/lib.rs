@@ -22,6 +22,11 @@ use serde_json::value::RawValue;
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
+/// What this service serves (its routes, as [`configure`] mounts them).
+pub fn routes() -> rt_core::server::Routes {
+    rt_core::server::Routes::new().service(configure)
+}
+
 /// Adds the publisher's routes. Resources carry a POST guard so that other
 /// services can serve GET on the same paths in the all-in-one process.
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -14,5 +14,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    rt_core::server::run_service("publisher", args.settings, rt_publisher::configure).await
+    rt_core::server::run_service("publisher", args.settings, rt_publisher::routes()).await
 }

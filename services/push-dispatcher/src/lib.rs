@@ -30,6 +30,11 @@ use tokio::sync::OnceCell;
 
 use crate::vapid::VapidKeys;
 
+/// What this service serves (its routes, as [`configure`] mounts them).
+pub fn routes() -> rt_core::server::Routes {
+    rt_core::server::Routes::new().service(configure)
+}
+
 /// Adds the push routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::Data::new(KeyCache::default()))

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     rt_core::server::run_service_with(
         "push-dispatcher",
         args.settings,
-        rt_push_dispatcher::configure,
+        rt_push_dispatcher::routes(),
         vec![rt_push_dispatcher::worker()],
     )
     .await

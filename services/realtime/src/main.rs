@@ -17,12 +17,12 @@ struct Args {
     settings: Settings,
 }
 
-fn configure(cfg: &mut actix_web::web::ServiceConfig) {
-    rt_publisher::configure(cfg);
-    rt_poll_api::configure(cfg);
-    rt_sse_edge::configure(cfg);
-    rt_ws_edge::configure(cfg);
-    rt_push_dispatcher::configure(cfg);
+fn routes() -> rt_core::server::Routes {
+    rt_publisher::routes()
+        .merge(rt_poll_api::routes())
+        .merge(rt_sse_edge::routes())
+        .merge(rt_ws_edge::routes())
+        .merge(rt_push_dispatcher::routes())
 }
 
 #[tokio::main]
@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     rt_core::server::run_service_with(
         "realtime",
         args.settings,
-        configure,
+        routes(),
         vec![rt_push_dispatcher::worker()],
     )
     .await

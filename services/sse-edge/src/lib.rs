@@ -27,17 +27,19 @@
 
 use std::{sync::Arc, time::Duration};
 
-use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::stream;
+use futures_util::{future::LocalBoxFuture, stream};
 use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
     event::parse_seq,
+    front::{Accepted, StreamRoute},
     gate::Pass,
     hub::{Delivery, Follower, Framing, HubError, SharedEvent},
     metrics::Metrics,
-    query::{self, QueryPairs},
+    query,
+    server::Routes,
     shutdown::Shutdown,
 };
 use serde::Serialize;
@@ -51,20 +53,37 @@ const PAGE: u32 = 500;
 /// The `retry:` sent with the closing comment on shutdown: reconnect soon.
 const SHUTDOWN_RETRY_MS: u64 = 250;
 
-/// Adds `GET /v1/sse`.
+/// What this service serves: `GET /v1/sse`, on the socket itself when a
+/// connection opens with it (see [`rt_core::front`]).
+pub fn routes() -> Routes {
+    Routes::new().service(configure).stream(StreamRoute {
+        path: "/v1/sse",
+        admit,
+    })
+}
+
+/// Mounts `GET /v1/sse` in actix-web.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/sse").route(web::get().to(open_stream)));
 }
 
+fn admit<'a>(
+    ctx: &'a Context,
+    head: &'a RequestHead,
+) -> LocalBoxFuture<'a, Result<Accepted, ApiError>> {
+    Box::pin(async move { open(ctx, head).await.map(Accepted::Stream) })
+}
+
+async fn open_stream(ctx: web::Data<Context>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    open(&ctx, req.head()).await
+}
+
 /// `GET /v1/sse?topic=a&topic=b[&after=...]`, resuming from `Last-Event-ID`.
-async fn open_stream(
-    ctx: web::Data<Context>,
-    principal: Principal,
-    query: QueryPairs,
-    req: HttpRequest,
-) -> Result<HttpResponse, ApiError> {
+async fn open(ctx: &Context, head: &RequestHead) -> Result<HttpResponse, ApiError> {
+    let principal = ctx.auth.authenticate(head)?;
+    let query = query::pairs(head)?;
     let topics = query::topics(&query, ctx.settings.max_topics)?;
-    let start = resume_position(&req, &query, &topics)?;
+    let start = resume_position(head, &query, &topics)?;
     principal.require_subscribe_all(&topics)?;
     let pass = ctx.sse_gate.enter()?;
     let mut followers = Vec::with_capacity(topics.len());
@@ -76,7 +95,7 @@ async fn open_stream(
                 .fail_on_lag(),
         );
     }
-    let conn = Conn::new(&ctx, followers, start, pass, principal);
+    let conn = Conn::new(ctx, followers, start, pass, principal);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -87,7 +106,7 @@ async fn open_stream(
 /// Where a stream starts: `Last-Event-ID`, else `lastEventId=`, else
 /// `after=` (a seq for one topic, or a position), else the beginning.
 fn resume_position(
-    req: &HttpRequest,
+    req: &RequestHead,
     query: &[(String, String)],
     topics: &[Topic],
 ) -> Result<Position, ApiError> {

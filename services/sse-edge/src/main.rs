@@ -14,5 +14,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    rt_core::server::run_service("sse-edge", args.settings, rt_sse_edge::configure).await
+    rt_core::server::run_service("sse-edge", args.settings, rt_sse_edge::routes()).await
 }

@@ -8,7 +8,6 @@ use std::{
 };
 
 use actix_http::ws::{CloseCode, CloseReason, ProtocolError};
-use actix_web::web;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use rt_core::{
@@ -16,6 +15,7 @@ use rt_core::{
     auth::Principal,
     bus::TraceHeaders,
     event::{DEFAULT_EVENT_TYPE, NewEvent, validate_event_type},
+    front::Inbound,
     gate::Pass,
     hub::{Delivery, Follower, HubError},
     publish::{PublishError, Publisher},
@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// The client's side of the socket.
-type ClientReader = Reader<web::Payload>;
+type ClientReader = Reader<Inbound>;
 
 /// Events read from the log per query while a subscription catches up.
 const PAGE: u32 = 500;
@@ -100,7 +100,7 @@ struct Conn {
 
 /// Starts serving a socket whose handshake is answered: the returned body is
 /// everything the server sends on it.
-pub(crate) fn open(ctx: Context, principal: Principal, payload: web::Payload, pass: Pass) -> Body {
+pub(crate) fn open(ctx: Context, principal: Principal, payload: Inbound, pass: Pass) -> Body {
     // Messages over --max-body-bytes are refused with close code 1009 once
     // read whole, so the close frame reaches the client; the decoder's own
     // cap is higher and only stops absurd frames (those connections are cut).

@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod cursors;
+mod front;
 mod outage;
 mod poll;
 mod poll_errors;
