@@ -21,6 +21,7 @@
 //! both paths answer alike.
 
 use std::{
+    fmt::Write as _,
     future::poll_fn,
     io,
     net::SocketAddr,
@@ -402,7 +403,8 @@ fn put_chunk(out: &mut BytesMut, chunk: &[u8], chunked: bool) {
         return;
     }
     if chunked {
-        out.put_slice(format!("{:X}\r\n", chunk.len()).as_bytes());
+        // unwrap: writing into a BytesMut cannot fail
+        write!(out, "{:X}\r\n", chunk.len()).expect("BytesMut grows");
         out.put_slice(chunk);
         out.put_slice(b"\r\n");
     } else {

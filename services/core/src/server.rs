@@ -120,7 +120,11 @@ impl Application {
         let server = builder
             .listen("realtime-http", listener, move || {
                 let data = web::Data::new(ctx.clone());
-                let (streams, routes) = (routes.streams.clone(), routes.clone());
+                let streams = match ctx.settings.direct_streams {
+                    true => routes.streams.clone(),
+                    false => Vec::new(),
+                };
+                let routes = routes.clone();
                 let app = App::new()
                     .app_data(data)
                     .app_data(web::QueryConfig::default().error_handler(|e, _| {
@@ -391,12 +395,17 @@ async fn cors(
 
 /// Per-connection socket options: a stalled reader is dropped by the kernel
 /// after `user_timeout` of unacknowledged data, and holds at most
-/// `send_buffer` bytes there.
+/// `send_buffer` bytes there. Nagle's algorithm is off: every write is
+/// already a whole answer or a batch of events, and an event must not wait
+/// for the acknowledgement of the one before it.
 fn tune_socket(
     tcp: &actix_web::rt::net::TcpStream,
     user_timeout: std::time::Duration,
     send_buffer: Option<usize>,
 ) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
     let socket = socket2::SockRef::from(tcp);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if !user_timeout.is_zero()

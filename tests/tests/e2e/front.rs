@@ -268,3 +268,18 @@ async fn a_websocket_frame_sent_with_the_upgrade_is_read() {
         "{frames:?}"
     );
 }
+
+#[tokio::test]
+async fn with_direct_streams_off_every_stream_goes_through_the_http_server() {
+    let app = TestApp::spawn(Engines::Embedded, |s| s.direct_streams = false).await;
+    let mut tcp = connect(&app).await;
+    tcp.write_all(b"GET /v1/sse?topic=off HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let head = read_head(&mut tcp, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    app.publish_ok("off", json!(1)).await;
+    read_until(&mut tcp, &mut rest, "id: off:1\n").await;
+    assert_eq!(direct(&app, "/v1/sse"), 0);
+}
