@@ -133,9 +133,36 @@ const MAX_BATCH: usize = 1000;
 /// topic, each carrying the wall-clock time it was sent at. One topic gets
 /// one event per request; several get one batch request per tick with an
 /// event for each (split into batches of at most 1,000, sent at once).
+///
+/// The publisher runs on a thread and runtime of its own. On the bench's
+/// runtime its sends would queue behind the thousands of reader tasks the
+/// previous event woke, and that wait would count as the edge's latency.
+/// The ceiling's publisher is a timer inside its own server, which the
+/// readers never delay.
 pub(crate) async fn publish_at_rate(
-    http: &reqwest::Client,
     server: &Server,
+    topics: &[String],
+    events: u64,
+    rate: f64,
+) -> anyhow::Result<()> {
+    let (base, topics) = (server.base.clone(), topics.to_vec());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("rate-publisher".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(publish_paced(&base, &topics, events, rate)));
+            let _ = tx.send(result);
+        })
+        .context("cannot start the rate publisher's thread")?;
+    rx.await.context("the rate publisher's thread stopped")?
+}
+
+async fn publish_paced(
+    base: &str,
     topics: &[String],
     events: u64,
     rate: f64,
@@ -148,19 +175,15 @@ pub(crate) async fn publish_at_rate(
     struct Batch {
         events: Vec<Published>,
     }
+    let http = &publisher_client(topics.len().div_ceil(MAX_BATCH))?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     for seq in 1..=events {
         tick.tick().await;
         if let [topic] = topics {
-            publish_stamped(
-                http,
-                &server.url(&format!("/v1/topics/{topic}/events")),
-                seq,
-            )
-            .await?;
+            publish_stamped(http, &format!("{base}/v1/topics/{topic}/events"), seq).await?;
             continue;
         }
-        let url = server.url("/v1/events");
+        let url = format!("{base}/v1/events");
         let requests = topics.chunks(MAX_BATCH).map(|chunk| {
             let items: Vec<_> = chunk
                 .iter()

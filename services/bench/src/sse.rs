@@ -327,8 +327,7 @@ async fn measure(
 
     // 2. Latency at a fixed rate.
     let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
-    let publisher = publisher_client(args.publishers)?;
-    publish_at_rate(&publisher, server, &topics, latency_events, args.rate).await?;
+    publish_at_rate(server, &topics, latency_events, args.rate).await?;
     let mut hist = Histogram::<u32>::new(2)?;
     gather(
         &mut rx,

@@ -407,9 +407,7 @@ async fn measure(
 
     // 2. Latency at a fixed rate.
     let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
-    let publisher = publisher_client(args.publishers)?;
     publish_at_rate(
-        &publisher,
         server,
         std::slice::from_ref(&plan.topic),
         latency_events,

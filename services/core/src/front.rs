@@ -402,6 +402,8 @@ fn put_chunk(out: &mut BytesMut, chunk: &[u8], chunked: bool) {
     if chunk.is_empty() {
         return;
     }
+    // The size line and the CRLF after the data: at most 12 bytes.
+    out.reserve(chunk.len() + 12);
     if chunked {
         // unwrap: writing into a BytesMut cannot fail
         write!(out, "{:X}\r\n", chunk.len()).expect("BytesMut grows");

@@ -194,10 +194,17 @@ enum Woke {
 struct Conn {
     followers: Vec<Follower>,
     position: Position,
+    /// Fires at `quiet_until` at the earliest; moved there lazily, when it
+    /// fires early, rather than reset on every chunk (a timer reset per
+    /// event per stream is measurable at thousands of streams).
     heartbeat: tokio::time::Interval,
+    /// No heartbeat is due before this: the last chunk plus the interval.
+    quiet_until: tokio::time::Instant,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
     retry: Duration,
+    /// The heartbeat interval.
+    every: Duration,
     phase: Phase,
     principal: Principal,
     _pass: Pass,
@@ -217,13 +224,16 @@ impl Conn {
             .map(|f| (f.topic().clone(), start.get(f.topic())))
             .collect();
         let every = ctx.settings.sse_heartbeat.max(Duration::from_millis(100));
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let quiet_until = tokio::time::Instant::now() + every;
+        let mut heartbeat = tokio::time::interval_at(quiet_until, every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ctx.metrics.streams_open.with_label_values(&["sse"]).inc();
         Conn {
             followers,
             position,
             heartbeat,
+            quiet_until,
+            every,
             shutdown: ctx.shutdown.clone(),
             metrics: ctx.metrics.clone(),
             retry: ctx.settings.sse_retry,
@@ -286,7 +296,7 @@ impl Conn {
                 }
             }
             if !buf.is_empty() {
-                self.heartbeat.reset();
+                self.quiet_until = tokio::time::Instant::now() + self.every;
                 return Ok(buf.freeze());
             }
             let mut read = false;
@@ -298,13 +308,19 @@ impl Conn {
                 continue;
             }
             let woke = {
-                let waits: Vec<_> = self
-                    .followers
-                    .iter_mut()
-                    .map(|f| Box::pin(f.next()))
-                    .collect();
+                // One topic (the usual case) is waited on without the
+                // allocations of waiting on several.
+                let delivery = async {
+                    match &mut self.followers[..] {
+                        [one] => one.next().await,
+                        many => {
+                            let waits = many.iter_mut().map(|f| Box::pin(f.next()));
+                            futures_util::future::select_all(waits).await.0
+                        }
+                    }
+                };
                 tokio::select! {
-                    (first, _, _) = futures_util::future::select_all(waits) => Woke::Delivery(first),
+                    first = delivery => Woke::Delivery(first),
                     _ = self.heartbeat.tick() => Woke::Heartbeat,
                     () = self.shutdown.started() => Woke::Shutdown,
                     () = self.principal.expiry() => Woke::TokenExpired,
@@ -315,7 +331,15 @@ impl Conn {
                     self.frame(d?, &mut buf);
                     events += 1;
                 }
-                Woke::Heartbeat => return Ok(Bytes::from_static(b": heartbeat\n\n")),
+                Woke::Heartbeat => {
+                    let now = tokio::time::Instant::now();
+                    if now < self.quiet_until {
+                        self.heartbeat.reset_at(self.quiet_until);
+                        continue;
+                    }
+                    self.quiet_until = now + self.every;
+                    return Ok(Bytes::from_static(b": heartbeat\n\n"));
+                }
                 Woke::Shutdown => return Err(Closing::Shutdown),
                 Woke::TokenExpired => return Err(Closing::TokenExpired),
             }
@@ -327,8 +351,11 @@ impl Conn {
         match delivery {
             Delivery::Event(event) => {
                 self.position.set(event.event.topic.clone(), event.seq());
+                let fields = event.framed(Framing::Sse, sse_fields);
+                // Room for the id line too: one allocation, not a few growths.
+                buf.reserve(fields.len() + 64);
                 put_id(buf, &self.position);
-                buf.put_slice(event.framed(Framing::Sse, sse_fields));
+                buf.put_slice(fields);
             }
             Delivery::Reset { topic, from } => {
                 self.position.set(topic.clone(), from);
@@ -359,8 +386,10 @@ impl Drop for Conn {
 }
 
 fn put_id(buf: &mut BytesMut, position: &Position) {
+    use std::fmt::Write as _;
     buf.put_slice(b"id: ");
-    buf.put_slice(position.to_string().as_bytes());
+    // unwrap: writing into a BytesMut cannot fail
+    write!(buf, "{position}").expect("BytesMut grows");
     buf.put_u8(b'\n');
 }
 
