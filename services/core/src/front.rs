@@ -49,7 +49,11 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::{context::Context, error::ApiError, server::cors_allow, telemetry};
+use crate::{
+    context::Context,
+    error::ApiError,
+    server::{cors_allow, request_done, request_span},
+};
 
 /// What the client sends on an upgraded socket, as actix-web's request
 /// payload gives it: a route's upgraded protocol reads it the same way on
@@ -164,13 +168,7 @@ impl Front {
         let Some(Peeked { head, len, route }) = peeked else {
             return Err(io);
         };
-        let span = tracing::info_span!(
-            "http.request",
-            http.method = "GET",
-            http.route = route.path,
-            http.status = tracing::field::Empty,
-        );
-        telemetry::set_parent_from_headers(&span, &head.headers);
+        let span = request_span(&head.method, route.path, &head.headers);
         let admitted = Box::pin((route.admit)(&self.ctx, &head))
             .instrument(span.clone())
             .await;
@@ -188,15 +186,9 @@ impl Front {
             Accepted::Stream(response) => (response, None),
             Accepted::Upgrade(response, opener) => (response, Some(opener)),
         };
-        let status = response.status();
-        span.record("http.status", status.as_u16());
-        tracing::debug!(parent: &span, status = status.as_u16(), "request done");
-        drop(span);
         let metrics = &self.ctx.metrics;
-        metrics
-            .http_requests
-            .with_label_values(&[route.path, status.as_str()])
-            .inc();
+        request_done(&span, Some(metrics), route.path, response.status());
+        drop(span);
         metrics
             .streams_direct
             .with_label_values(&[route.path])

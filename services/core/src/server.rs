@@ -10,7 +10,7 @@ use actix_web::{
     App, Error, HttpResponse,
     body::{BoxBody, MessageBody},
     dev::{AppConfig, Server, ServerHandle, ServiceRequest, ServiceResponse},
-    http::{Method, header},
+    http::{Method, StatusCode, header},
     middleware::{Next, from_fn},
     web,
 };
@@ -22,7 +22,9 @@ use crate::{
     context::Context,
     error::ApiError,
     front::{Front, StreamRoute},
-    http, ops,
+    http,
+    metrics::Metrics,
+    ops,
     shutdown::Shutdown,
     telemetry,
 };
@@ -263,27 +265,48 @@ async fn observe(
     let route = req
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
-    let span = tracing::info_span!(
-        "http.request",
-        http.method = %req.method(),
-        http.route = %route,
-        http.status = tracing::field::Empty,
-    );
-    telemetry::set_parent_from_headers(&span, req.headers());
+    let span = request_span(req.method(), &route, req.headers());
     let metrics = req
         .app_data::<web::Data<Context>>()
         .map(|ctx| ctx.metrics.clone());
     let res = next.call(req).instrument(span.clone()).await?;
-    let status = res.status();
+    request_done(&span, metrics.as_deref(), &route, res.status());
+    Ok(res)
+}
+
+/// A request's span, child of the caller's W3C trace context (the
+/// middleware's and the connection front's).
+pub(crate) fn request_span(
+    method: &Method,
+    route: &str,
+    headers: &header::HeaderMap,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http.request",
+        http.method = %method,
+        http.route = %route,
+        http.status = tracing::field::Empty,
+    );
+    telemetry::set_parent_from_headers(&span, headers);
+    span
+}
+
+/// Records a request's answer on its span, in the debug log and in
+/// `rt_http_requests_total`.
+pub(crate) fn request_done(
+    span: &tracing::Span,
+    metrics: Option<&Metrics>,
+    route: &str,
+    status: StatusCode,
+) {
     span.record("http.status", status.as_u16());
-    tracing::debug!(parent: &span, status = status.as_u16(), "request done");
+    tracing::debug!(parent: span, status = status.as_u16(), "request done");
     if let Some(metrics) = metrics {
         metrics
             .http_requests
-            .with_label_values(&[route.as_str(), status.as_str()])
+            .with_label_values(&[route, status.as_str()])
             .inc();
     }
-    Ok(res)
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C); returns which.

@@ -203,8 +203,6 @@ struct Conn {
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
     retry: Duration,
-    /// The heartbeat interval.
-    every: Duration,
     phase: Phase,
     principal: Principal,
     _pass: Pass,
@@ -233,7 +231,6 @@ impl Conn {
             position,
             heartbeat,
             quiet_until,
-            every,
             shutdown: ctx.shutdown.clone(),
             metrics: ctx.metrics.clone(),
             retry: ctx.settings.sse_retry,
@@ -296,7 +293,7 @@ impl Conn {
                 }
             }
             if !buf.is_empty() {
-                self.quiet_until = tokio::time::Instant::now() + self.every;
+                self.quiet_until = tokio::time::Instant::now() + self.heartbeat.period();
                 return Ok(buf.freeze());
             }
             let mut read = false;
@@ -337,7 +334,7 @@ impl Conn {
                         self.heartbeat.reset_at(self.quiet_until);
                         continue;
                     }
-                    self.quiet_until = now + self.every;
+                    self.quiet_until = now + self.heartbeat.period();
                     return Ok(Bytes::from_static(b": heartbeat\n\n"));
                 }
                 Woke::Shutdown => return Err(Closing::Shutdown),
