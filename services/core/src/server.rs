@@ -160,10 +160,6 @@ impl Application {
                     let http = http.new_service(());
                     let front = front.clone();
                     async move {
-                        // This runs on the worker, whose tasks run in a
-                        // LocalSet: live events wake its streams through
-                        // one relay per topic.
-                        crate::ring::relay_wakeups_here();
                         let http = Rc::new(http.await?);
                         Ok::<_, ()>(fn_service(move |io: actix_web::rt::net::TcpStream| {
                             tune_socket(&io, tuning.0, tuning.1);
