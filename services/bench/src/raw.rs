@@ -31,7 +31,6 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -40,7 +39,11 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::server::{Msg, Server, cpu_secs, gather, now_us, open_files_limit, publisher_client};
+use crate::server::{
+    self, CpuMark, Fanout, Firsts, Msg, Outcome, Server, each_count, ensure_all_ran, gather,
+    gather_last_done, gather_latencies, latency_events, mib, now_us, open_files_limit,
+    print_json_lines, publisher_client, r3,
+};
 use crate::sse_client::{Plan, follow};
 
 /// The response head of a stream.
@@ -98,26 +101,6 @@ pub(crate) struct ServerArgs {
     /// Most frames a socket task writes at once.
     #[arg(long, default_value_t = 64)]
     coalesce: usize,
-}
-
-/// One run's figures (or, in the report, the median of each over the runs).
-#[derive(Clone, Copy)]
-struct Figure {
-    open_secs: f64,
-    rss_before: f64,
-    rss_after: f64,
-    bytes_per_conn: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-    latency_server_cpu_secs: f64,
-    latency_bench_cpu_secs: f64,
-    burst_secs: f64,
-    deliveries_per_sec: f64,
-    server_cpu_secs: f64,
-    bench_cpu_secs: f64,
-    peak_rss: f64,
 }
 
 // ---------------------------------------------------------------- server --
@@ -274,7 +257,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         args.burst > 0 && args.open_concurrency > 0 && args.coalesce > 0,
         "--burst, --open-concurrency and --coalesce must be at least 1"
     );
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let latency_events = latency_events(args.rate, args.seconds);
     anyhow::ensure!(
         args.queue as u64 >= latency_events + args.burst,
         "--queue ({}) is below the frames of a run ({}): sockets would be closed",
@@ -292,53 +275,33 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let mut results = Vec::new();
-    for &n in &args.connections {
-        let mut runs = Vec::new();
-        let mut failure = None;
-        for run in 0..args.runs.max(1) {
-            match one_run(&exe, &args, n).await {
-                Ok(f) => {
-                    if !args.quiet {
-                        eprintln!(
-                            "  {n} connections, run {}: opened in {:.1} s, {:.1} KiB/connection idle; \
-                             latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s",
-                            run + 1,
-                            f.open_secs,
-                            f.bytes_per_conn / 1024.0,
-                            f.p50_ms,
-                            f.p99_ms,
-                            f.max_ms,
-                            f.deliveries_per_sec,
-                        );
-                    }
-                    runs.push(f);
-                }
-                Err(e) => {
-                    eprintln!("  {n} connections, run {}: FAILED: {e:#}", run + 1);
-                    failure = Some(format!("{e:#}"));
-                    break;
-                }
+    let results = each_count(
+        &args.connections,
+        args.runs,
+        |n, _| one_run(&exe, &args, n),
+        |at, f, _| {
+            if !args.quiet {
+                eprintln!(
+                    "{at}: opened in {:.1} s, {:.1} KiB/connection idle; \
+                     latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s",
+                    f.open_secs,
+                    f.bytes_per_conn / 1024.0,
+                    f.p50_ms,
+                    f.p99_ms,
+                    f.max_ms,
+                    f.deliveries_per_sec,
+                );
             }
-        }
-        results.push((n, failure.map_or_else(|| Ok(medians(&runs)), Err)));
-    }
+        },
+        |runs| Fanout::medians(runs, |f| f),
+    )
+    .await;
     print_report(&args, &results);
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|(_, r)| r.is_err())
-        .map(|(n, _)| n.to_string())
-        .collect();
-    anyhow::ensure!(
-        failed.is_empty(),
-        "the run with {} connections failed (see above)",
-        failed.join(" and ")
-    );
-    Ok(())
+    ensure_all_ran(&results)
 }
 
 /// One run with `n` sockets, on a ceiling server process of its own.
-async fn one_run(exe: &Path, args: &Args, n: usize) -> anyhow::Result<Figure> {
+async fn one_run(exe: &Path, args: &Args, n: usize) -> anyhow::Result<(Fanout, Firsts)> {
     let exe = exe.to_owned();
     let server_args = vec![
         "raw-server".to_owned(),
@@ -353,7 +316,9 @@ async fn one_run(exe: &Path, args: &Args, n: usize) -> anyhow::Result<Figure> {
     let mut sockets = JoinSet::new();
     let result = measure(&server, args, n, &mut sockets).await;
     sockets.shutdown().await;
-    result.map_err(|e| server.explain(e))
+    // No reconnects to report: a socket the server closes fails the run.
+    let figure = result.map_err(|e| server.explain(e))?;
+    Ok((figure, Firsts::default()))
 }
 
 /// The three scenarios, in order, on `n` sockets.
@@ -362,9 +327,9 @@ async fn measure(
     args: &Args,
     n: usize,
     sockets: &mut JoinSet<()>,
-) -> anyhow::Result<Figure> {
+) -> anyhow::Result<Fanout> {
     let addr = server.addr()?;
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let latency_events = latency_events(args.rate, args.seconds);
     let last_seq = latency_events + args.burst;
     let deadline = Duration::from_secs(args.timeout);
 
@@ -402,7 +367,7 @@ async fn measure(
 
     // 2. Latency at a fixed rate (the server paces and stamps the frames).
     let control = publisher_client(1)?;
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     let res = control
         .post(server.url(&format!(
             "/rate?frames={latency_events}&per_sec={}",
@@ -411,58 +376,39 @@ async fn measure(
         .send()
         .await?;
     anyhow::ensure!(res.status() == 204, "/rate answered {}", res.status());
-    let mut hist = Histogram::<u32>::new(2)?;
-    gather(
+    let hist = gather_latencies(
         &mut rx,
         n,
         "sockets",
         deadline,
         "got the last latency frame",
-        |msg| match msg {
-            Msg::Latency(h) => Ok(hist.add(&*h)?),
-            _ => anyhow::bail!("unexpected report during the latency scenario"),
-        },
+        latency_events,
     )
     .await?;
-    let delivered = latency_events * n as u64;
-    anyhow::ensure!(
-        hist.len() == delivered,
-        "recorded {} latencies for {delivered} deliveries",
-        hist.len()
-    );
-    let latency_server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let latency_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (latency_server_cpu_secs, latency_bench_cpu_secs) = cpu.used(server)?;
 
     // 3. Saturation.
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     let started = Instant::now();
     let res = control
         .post(server.url(&format!("/burst?frames={}", args.burst)))
         .send()
         .await?;
     anyhow::ensure!(res.status() == 204, "/burst answered {}", res.status());
-    let mut last_done = started;
-    gather(
+    let last_done = gather_last_done(
         &mut rx,
         n,
         "sockets",
         deadline,
         "got the last burst frame",
-        |msg| match msg {
-            Msg::Done(at) => {
-                last_done = last_done.max(at);
-                Ok(())
-            }
-            _ => anyhow::bail!("unexpected report during the burst"),
-        },
+        started,
     )
     .await?;
     let burst_secs = last_done.duration_since(started).as_secs_f64();
-    let server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (server_cpu_secs, bench_cpu_secs) = cpu.used(server)?;
 
     let ms = |v: u64| v as f64 / 1000.0;
-    Ok(Figure {
+    Ok(Fanout {
         open_secs,
         rss_before: rss_before as f64,
         rss_after: rss_after as f64,
@@ -481,85 +427,31 @@ async fn measure(
     })
 }
 
-/// The median of every figure, each taken on its own over the runs.
-fn medians(runs: &[Figure]) -> Figure {
-    let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
-    Figure {
-        open_secs: median(|f| f.open_secs),
-        rss_before: median(|f| f.rss_before),
-        rss_after: median(|f| f.rss_after),
-        bytes_per_conn: median(|f| f.bytes_per_conn),
-        p50_ms: median(|f| f.p50_ms),
-        p99_ms: median(|f| f.p99_ms),
-        p999_ms: median(|f| f.p999_ms),
-        max_ms: median(|f| f.max_ms),
-        latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
-        latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
-        burst_secs: median(|f| f.burst_secs),
-        deliveries_per_sec: median(|f| f.deliveries_per_sec),
-        server_cpu_secs: median(|f| f.server_cpu_secs),
-        bench_cpu_secs: median(|f| f.bench_cpu_secs),
-        peak_rss: median(|f| f.peak_rss),
-    }
-}
-
-fn print_report(args: &Args, results: &[(usize, Result<Figure, String>)]) {
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
-    let mib = |v: f64| v / (1024.0 * 1024.0);
-    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+fn print_report(args: &Args, results: &[Outcome<Fanout>]) {
+    let latency_events = latency_events(args.rate, args.seconds);
     println!(
         "\nRaw ceiling: one pre-encoded frame per send to every socket, no protocol logic, \
          server in its own process, median of {} runs (each figure on its own)",
         args.runs.max(1)
     );
-    let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
-        println!("\n{title}\n{head}");
-        for (n, result) in results {
-            match result {
-                Ok(f) => println!("{n:<12} {}", row(f)),
-                Err(_) => println!("{n:<12} failed"),
-            }
-        }
+    let table = |title: String, head: String, row: &dyn Fn(&Fanout) -> String| {
+        server::table(results, &title, &head, row);
     };
     table(
         format!(
             "idle memory (server VmRSS, {} ms after the last socket opened)",
             args.settle_ms
         ),
-        format!(
-            "{:<12} {:>8} {:>15} {:>14} {:>14}",
-            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
-        ),
-        &|f| {
-            format!(
-                "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
-                f.open_secs,
-                mib(f.rss_before),
-                mib(f.rss_after),
-                f.bytes_per_conn / 1024.0
-            )
-        },
+        Fanout::idle_head(),
+        &|f| f.idle_row(),
     );
     table(
         format!(
             "latency: {latency_events} frames at {}/s, send stamped by the server -> frame parsed by the client",
             args.rate
         ),
-        format!(
-            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
-            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
-        ),
-        &|f| {
-            format!(
-                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
-                f.p50_ms,
-                f.p99_ms,
-                f.p999_ms,
-                f.max_ms,
-                f.latency_server_cpu_secs,
-                f.latency_bench_cpu_secs
-            )
-        },
+        Fanout::latency_head(),
+        &|f| f.latency_row(),
     );
     table(
         format!(
@@ -582,32 +474,28 @@ fn print_report(args: &Args, results: &[(usize, Result<Figure, String>)]) {
             )
         },
     );
-    for (n, result) in results {
-        if let Err(e) = result {
-            println!("\n{n} connections FAILED: {e}");
+    for o in results {
+        if let Err(e) = &o.result {
+            println!("\n{} connections FAILED: {e}", o.n);
         }
     }
 
-    for (n, result) in results {
-        let n = *n;
+    for o in results {
+        let n = o.n;
         let common = json!({"connections": n, "runs": args.runs.max(1)});
-        let lines = match result {
+        let lines = match &o.result {
             Ok(f) => vec![
-                json!({
-                    "scenario": "raw", "name": format!("idle memory, {n} connections"),
-                    "open_secs": r3(f.open_secs),
-                    "rss_before_bytes": f.rss_before.round() as u64,
-                    "rss_after_bytes": f.rss_after.round() as u64,
-                    "bytes_per_connection": f.bytes_per_conn.round() as i64,
-                    "settle_ms": args.settle_ms,
-                }),
-                json!({
-                    "scenario": "raw", "name": format!("latency, {n} connections"),
-                    "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
-                    "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
-                    "server_cpu_secs": r3(f.latency_server_cpu_secs),
-                    "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
-                }),
+                f.idle_json(
+                    "raw",
+                    format!("idle memory, {n} connections"),
+                    args.settle_ms,
+                ),
+                f.latency_json(
+                    "raw",
+                    format!("latency, {n} connections"),
+                    latency_events,
+                    args.rate,
+                ),
                 json!({
                     "scenario": "raw", "name": format!("saturation, {n} connections"),
                     "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
@@ -621,12 +509,7 @@ fn print_report(args: &Args, results: &[(usize, Result<Figure, String>)]) {
                 "scenario": "raw", "name": format!("{n} connections"), "error": e,
             })],
         };
-        for mut line in lines {
-            if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
-                line.extend(common.clone());
-            }
-            println!("{line}");
-        }
+        print_json_lines(&common, lines);
     }
 }
 

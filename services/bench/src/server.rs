@@ -507,6 +507,31 @@ pub(crate) struct Services {
 }
 
 impl Services {
+    /// Starts the server `binary` over `database_url` with `env` added, on
+    /// this bus (over NATS, under a subject prefix of its own), logging text.
+    pub(crate) async fn start(
+        &self,
+        binary: &Path,
+        database_url: &str,
+        env: &[(&'static str, String)],
+    ) -> anyhow::Result<Server> {
+        let mut env = [
+            &[("DATABASE_URL", database_url.to_owned())],
+            env,
+            &[("RT_LOG_FORMAT", "text".to_owned())],
+        ]
+        .concat();
+        if let Some(url) = &self.nats_url {
+            env.push(("RT_NATS_URL", url.clone()));
+            env.push((
+                "RT_NATS_PREFIX",
+                format!("bench{}", uuid::Uuid::new_v4().simple()),
+            ));
+        }
+        let binary = binary.to_owned();
+        tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await?
+    }
+
     /// The bus, as the reports name it.
     pub(crate) fn bus(&self) -> &'static str {
         if self.nats_url.is_some() {
@@ -522,4 +547,337 @@ pub(crate) fn median<T>(runs: &[T], get: impl Fn(&T) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(get).collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The rounded count of events a latency scenario publishes: `rate` per
+/// second for `seconds`, at least one.
+pub(crate) fn latency_events(rate: f64, seconds: f64) -> u64 {
+    ((rate * seconds).round() as u64).max(1)
+}
+
+/// The first transport error and the first close the clients got (and
+/// recovered from), in one run or over the runs of a connection count.
+#[derive(Default)]
+pub(crate) struct Firsts {
+    pub(crate) error: Option<String>,
+    pub(crate) close: Option<String>,
+}
+
+impl Drops {
+    /// Takes the first error and close, for the run's report.
+    pub(crate) fn take_firsts(&self) -> Firsts {
+        let take = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Firsts {
+            error: take(&self.first_error),
+            close: take(&self.first_close),
+        }
+    }
+}
+
+/// What came of one connection count.
+pub(crate) struct Outcome<F> {
+    pub(crate) n: usize,
+    /// The medians, or why a run failed.
+    pub(crate) result: Result<F, String>,
+    /// The first error and close over its runs (a failed run's are lost).
+    pub(crate) firsts: Firsts,
+}
+
+/// Runs `one_run(n, run)` `runs` times (at least once) for every count `n`
+/// in `connections`, each count's runs stopping at the first that fails.
+/// `progress` gets every run that succeeded, with the prefix of its progress
+/// lines ("  {n} connections, run {r}"); a failure is printed here. Each
+/// count's figures are the `medians` of its runs.
+pub(crate) async fn each_count<F, Fut>(
+    connections: &[usize],
+    runs: usize,
+    one_run: impl Fn(usize, usize) -> Fut,
+    progress: impl Fn(&str, &F, &Firsts),
+    medians: fn(&[F]) -> F,
+) -> Vec<Outcome<F>>
+where
+    Fut: Future<Output = anyhow::Result<(F, Firsts)>>,
+{
+    let mut results = Vec::new();
+    for &n in connections {
+        let mut figures = Vec::new();
+        let (mut failure, mut firsts) = (None, Firsts::default());
+        for run in 0..runs.max(1) {
+            let at = format!("  {n} connections, run {}", run + 1);
+            match one_run(n, run).await {
+                Ok((f, these)) => {
+                    progress(&at, &f, &these);
+                    firsts.error = firsts.error.or(these.error);
+                    firsts.close = firsts.close.or(these.close);
+                    figures.push(f);
+                }
+                Err(e) => {
+                    eprintln!("{at}: FAILED: {e:#}");
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        results.push(Outcome {
+            n,
+            result: failure.map_or_else(|| Ok(medians(&figures)), Err),
+            firsts,
+        });
+    }
+    results
+}
+
+/// Fails the command if any connection count failed (the report says why).
+pub(crate) fn ensure_all_ran<F>(results: &[Outcome<F>]) -> anyhow::Result<()> {
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|o| o.result.is_err())
+        .map(|o| o.n.to_string())
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the run with {} connections failed (see above)",
+        failed.join(" and ")
+    );
+    Ok(())
+}
+
+/// Prints one scenario's table: `title`, `head`, and a row per connection
+/// count (its `row`, or "failed").
+pub(crate) fn table<F>(
+    results: &[Outcome<F>],
+    title: &str,
+    head: &str,
+    row: &dyn Fn(&F) -> String,
+) {
+    println!("\n{title}\n{head}");
+    for o in results {
+        match &o.result {
+            Ok(f) => println!("{:<12} {}", o.n, row(f)),
+            Err(_) => println!("{:<12} failed", o.n),
+        }
+    }
+}
+
+/// Prints `lines` as JSON lines, each with the fields of `common` added.
+pub(crate) fn print_json_lines(common: &serde_json::Value, lines: Vec<serde_json::Value>) {
+    for mut line in lines {
+        if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
+            line.extend(common.clone());
+        }
+        println!("{line}");
+    }
+}
+
+/// The latency scenario's wait: every client's latencies, `events` of them
+/// per client, as one histogram.
+pub(crate) async fn gather_latencies(
+    rx: &mut UnboundedReceiver<Msg>,
+    n: usize,
+    clients: &str,
+    deadline: Duration,
+    what: &str,
+    events: u64,
+) -> anyhow::Result<Histogram<u32>> {
+    let mut hist = Histogram::<u32>::new(2)?;
+    gather(rx, n, clients, deadline, what, |msg| match msg {
+        Msg::Latency(h) => Ok(hist.add(&*h)?),
+        _ => anyhow::bail!("unexpected report during the latency scenario"),
+    })
+    .await?;
+    let delivered = events * n as u64;
+    anyhow::ensure!(
+        hist.len() == delivered,
+        "recorded {} latencies for {delivered} deliveries",
+        hist.len()
+    );
+    Ok(hist)
+}
+
+/// The burst's wait: when the last client had the last event (`started`,
+/// if all had it before).
+pub(crate) async fn gather_last_done(
+    rx: &mut UnboundedReceiver<Msg>,
+    n: usize,
+    clients: &str,
+    deadline: Duration,
+    what: &str,
+    started: Instant,
+) -> anyhow::Result<Instant> {
+    let mut last_done = started;
+    gather(rx, n, clients, deadline, what, |msg| match msg {
+        Msg::Done(at) => {
+            last_done = last_done.max(at);
+            Ok(())
+        }
+        _ => anyhow::bail!("unexpected report during the burst"),
+    })
+    .await?;
+    Ok(last_done)
+}
+
+/// The CPU time the server and the bench had used at the start of a
+/// scenario, so that what the scenario used can be told apart.
+pub(crate) struct CpuMark {
+    server: f64,
+    bench: f64,
+}
+
+impl CpuMark {
+    pub(crate) fn now(server: &Server) -> anyhow::Result<CpuMark> {
+        Ok(CpuMark {
+            server: server.cpu_secs()?,
+            bench: cpu_secs("/proc/self/stat")?,
+        })
+    }
+
+    /// CPU seconds the server and the bench used since the mark.
+    pub(crate) fn used(&self, server: &Server) -> anyhow::Result<(f64, f64)> {
+        Ok((
+            server.cpu_secs()? - self.server,
+            cpu_secs("/proc/self/stat")? - self.bench,
+        ))
+    }
+}
+
+/// What the idle memory, latency and saturation scenarios measure, which the
+/// edges (`sse`, `ws`) and the ceiling (`raw`) all run, for one run (or, in
+/// the report, the median of each over the runs).
+#[derive(Clone, Copy)]
+pub(crate) struct Fanout {
+    /// First connect → every client is ready.
+    pub(crate) open_secs: f64,
+    /// Server `VmRSS` before the clients open and after they idled.
+    pub(crate) rss_before: f64,
+    pub(crate) rss_after: f64,
+    /// (after − before) / connections.
+    pub(crate) bytes_per_conn: f64,
+    /// Sent → parsed by the client, per event per client.
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) p999_ms: f64,
+    pub(crate) max_ms: f64,
+    /// CPU time, in seconds, the server and the bench used from the first
+    /// latency event sent to the last client having its last event.
+    pub(crate) latency_server_cpu_secs: f64,
+    pub(crate) latency_bench_cpu_secs: f64,
+    /// First burst event sent → last client has the last event.
+    pub(crate) burst_secs: f64,
+    /// Burst events × clients / `burst_secs`.
+    pub(crate) deliveries_per_sec: f64,
+    /// CPU time, in seconds, the server and the bench used during the burst.
+    pub(crate) server_cpu_secs: f64,
+    pub(crate) bench_cpu_secs: f64,
+    /// Server `VmHWM` (peak resident set) at the end of the run.
+    pub(crate) peak_rss: f64,
+}
+
+impl Fanout {
+    /// The median of every figure, each taken on its own over the runs
+    /// (`get` finds the figures in a run's).
+    pub(crate) fn medians<R>(runs: &[R], get: fn(&R) -> &Fanout) -> Fanout {
+        let median = |field: fn(&Fanout) -> f64| median(runs, |r| field(get(r)));
+        Fanout {
+            open_secs: median(|f| f.open_secs),
+            rss_before: median(|f| f.rss_before),
+            rss_after: median(|f| f.rss_after),
+            bytes_per_conn: median(|f| f.bytes_per_conn),
+            p50_ms: median(|f| f.p50_ms),
+            p99_ms: median(|f| f.p99_ms),
+            p999_ms: median(|f| f.p999_ms),
+            max_ms: median(|f| f.max_ms),
+            latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
+            latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
+            burst_secs: median(|f| f.burst_secs),
+            deliveries_per_sec: median(|f| f.deliveries_per_sec),
+            server_cpu_secs: median(|f| f.server_cpu_secs),
+            bench_cpu_secs: median(|f| f.bench_cpu_secs),
+            peak_rss: median(|f| f.peak_rss),
+        }
+    }
+
+    /// The idle memory table's head, as every scenario prints it.
+    pub(crate) fn idle_head() -> String {
+        format!(
+            "{:<12} {:>8} {:>15} {:>14} {:>14}",
+            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
+        )
+    }
+
+    /// This run's row of the idle memory table.
+    pub(crate) fn idle_row(&self) -> String {
+        format!(
+            "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
+            self.open_secs,
+            mib(self.rss_before),
+            mib(self.rss_after),
+            self.bytes_per_conn / 1024.0
+        )
+    }
+
+    /// The latency table's head, as every scenario prints it.
+    pub(crate) fn latency_head() -> String {
+        format!(
+            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
+            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
+        )
+    }
+
+    /// This run's row of the latency table.
+    pub(crate) fn latency_row(&self) -> String {
+        format!(
+            "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.max_ms,
+            self.latency_server_cpu_secs,
+            self.latency_bench_cpu_secs
+        )
+    }
+
+    /// The idle memory JSON line of `scenario`, named `name`.
+    pub(crate) fn idle_json(
+        &self,
+        scenario: &str,
+        name: String,
+        settle_ms: u64,
+    ) -> serde_json::Value {
+        json!({
+            "scenario": scenario, "name": name,
+            "open_secs": r3(self.open_secs),
+            "rss_before_bytes": self.rss_before.round() as u64,
+            "rss_after_bytes": self.rss_after.round() as u64,
+            "bytes_per_connection": self.bytes_per_conn.round() as i64,
+            "settle_ms": settle_ms,
+        })
+    }
+
+    /// The latency JSON line of `scenario`, named `name`: `events` sent at
+    /// `rate` per second.
+    pub(crate) fn latency_json(
+        &self,
+        scenario: &str,
+        name: String,
+        events: u64,
+        rate: f64,
+    ) -> serde_json::Value {
+        json!({
+            "scenario": scenario, "name": name,
+            "p50_ms": r3(self.p50_ms), "p99_ms": r3(self.p99_ms), "p999_ms": r3(self.p999_ms),
+            "max_ms": r3(self.max_ms), "events": events, "rate": rate,
+            "server_cpu_secs": r3(self.latency_server_cpu_secs),
+            "bench_cpu_secs": r3(self.latency_bench_cpu_secs),
+        })
+    }
+}
+
+/// Bytes in MiB, for the tables.
+pub(crate) fn mib(v: f64) -> f64 {
+    v / (1024.0 * 1024.0)
+}
+
+/// `v` rounded to three decimals, for the JSON lines.
+pub(crate) fn r3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }

@@ -31,7 +31,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::{
     sync::{Semaphore, mpsc::unbounded_channel},
@@ -39,8 +38,10 @@ use tokio::{
 };
 
 use crate::server::{
-    Drops, Msg, Server, Services, cpu_secs, gather, open_files_limit, publish_at_rate,
-    publish_burst, publisher_client, server_binary,
+    self, CpuMark, Drops, Fanout, Firsts, Msg, Outcome, Server, Services, each_count,
+    ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib,
+    open_files_limit, print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
+    server_binary,
 };
 use crate::sse_client::{Plan, follow};
 
@@ -101,35 +102,12 @@ impl Args {
 /// One run's figures (or, in the report, the median of each over the runs).
 #[derive(Clone, Copy)]
 struct Figure {
-    /// First request → every stream has its `retry:` chunk.
-    open_secs: f64,
-    /// Server `VmRSS` before the streams open and after they idled.
-    rss_before: f64,
-    rss_after: f64,
-    /// (after − before) / connections.
-    bytes_per_conn: f64,
-    /// Publish sent → event parsed by the stream, per event per stream.
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-    /// CPU time, in seconds, the server and the bench used from the first
-    /// latency publish to the last stream having its last event.
-    latency_server_cpu_secs: f64,
-    latency_bench_cpu_secs: f64,
-    /// First burst publish → last stream has the last event.
-    burst_secs: f64,
-    /// Burst events × streams / `burst_secs`.
-    deliveries_per_sec: f64,
+    /// The idle memory, latency and saturation scenarios'.
+    fanout: Fanout,
     /// Streams the server ended and the bench reopened, whole run.
     closed: f64,
     /// Streams whose connection broke and the bench reopened, whole run.
     broken: f64,
-    /// CPU time, in seconds, the server and the bench used during the burst.
-    server_cpu_secs: f64,
-    bench_cpu_secs: f64,
-    /// Server `VmHWM` (peak resident set) at the end of the run.
-    peak_rss: f64,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -163,74 +141,39 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     // A database of the bench's own, dropped at the end.
     let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
-    let mut results = Vec::new();
-    for &n in &args.connections {
-        let mut runs = Vec::new();
-        let (mut failure, mut first_error) = (None, None);
-        for run in 0..args.runs.max(1) {
-            match one_run(&binary, &db.url, &args, n, run).await {
-                Ok((f, error)) => {
-                    if let Some(error) = &error {
-                        eprintln!(
-                            "  {n} connections, run {}: {} streams broke and reconnected; the first: {error}",
-                            run + 1,
-                            f.broken
-                        );
-                    }
-                    first_error = first_error.or(error);
-                    if !args.quiet {
-                        eprintln!(
-                            "  {n} connections, run {}: opened in {:.1} s, {:.1} KiB/connection idle; \
-                             latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s; reconnects: {} closed, {} broken",
-                            run + 1,
-                            f.open_secs,
-                            f.bytes_per_conn / 1024.0,
-                            f.p50_ms,
-                            f.p99_ms,
-                            f.max_ms,
-                            f.deliveries_per_sec,
-                            f.closed,
-                            f.broken
-                        );
-                    }
-                    runs.push(f);
-                }
-                Err(e) => {
-                    eprintln!("  {n} connections, run {}: FAILED: {e:#}", run + 1);
-                    failure = Some(format!("{e:#}"));
-                    break;
-                }
+    let results = each_count(
+        &args.connections,
+        args.runs,
+        |n, run| one_run(&binary, &db.url, &args, n, run),
+        |at, f, firsts| {
+            if let Some(error) = &firsts.error {
+                eprintln!(
+                    "{at}: {} streams broke and reconnected; the first: {error}",
+                    f.broken
+                );
             }
-        }
-        results.push(Outcome {
-            n,
-            result: failure.map_or_else(|| Ok(medians(&runs)), Err),
-            first_error,
-        });
-    }
+            if !args.quiet {
+                eprintln!(
+                    "{at}: opened in {:.1} s, {:.1} KiB/connection idle; \
+                     latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s; reconnects: {} closed, {} broken",
+                    f.fanout.open_secs,
+                    f.fanout.bytes_per_conn / 1024.0,
+                    f.fanout.p50_ms,
+                    f.fanout.p99_ms,
+                    f.fanout.max_ms,
+                    f.fanout.deliveries_per_sec,
+                    f.closed,
+                    f.broken
+                );
+            }
+        },
+        medians,
+    )
+    .await;
     drop(db);
 
     print_report(&args, &results);
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|o| o.result.is_err())
-        .map(|o| o.n.to_string())
-        .collect();
-    anyhow::ensure!(
-        failed.is_empty(),
-        "the run with {} connections failed (see above)",
-        failed.join(" and ")
-    );
-    Ok(())
-}
-
-/// What came of one connection count.
-struct Outcome {
-    n: usize,
-    /// The medians, or why a run failed.
-    result: Result<Figure, String>,
-    /// The first transport error a stream got (and recovered from), if any.
-    first_error: Option<String>,
+    ensure_all_ran(&results)
 }
 
 /// One run with `n` streams, on a server process of its own.
@@ -240,33 +183,16 @@ async fn one_run(
     args: &Args,
     n: usize,
     run: usize,
-) -> anyhow::Result<(Figure, Option<String>)> {
-    let mut env = vec![
-        ("DATABASE_URL", database_url.to_owned()),
-        ("RT_SSE_MAX_CONNECTIONS", (n + 1000).to_string()),
-        ("RT_LOG_FORMAT", "text".to_owned()),
-    ];
-    if let Some(url) = &args.services.nats_url {
-        env.push(("RT_NATS_URL", url.clone()));
-        env.push((
-            "RT_NATS_PREFIX",
-            format!("bench{}", uuid::Uuid::new_v4().simple()),
-        ));
-    }
-    let binary = binary.to_owned();
-    let mut server = tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await??;
+) -> anyhow::Result<(Figure, Firsts)> {
+    let env = [("RT_SSE_MAX_CONNECTIONS", (n + 1000).to_string())];
+    let mut server = args.services.start(binary, database_url, &env).await?;
     let mut streams = JoinSet::new();
     let drops = Arc::new(Drops::default());
     let result = measure(&server, args, n, run, &drops, &mut streams).await;
     // Streams first, so that none sees the server go and reconnects.
     streams.shutdown().await;
     let figure = result.map_err(|e| server.explain(e))?;
-    let first_error = drops
-        .first_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    Ok((figure, first_error))
+    Ok((figure, drops.take_firsts()))
 }
 
 /// The three scenarios, in order, on `n` streams of one fresh topic.
@@ -283,7 +209,7 @@ async fn measure(
     } else {
         vec![format!("sse{n}-{run}")]
     };
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let latency_events = latency_events(args.rate, args.seconds);
     let burst = args.burst();
     let addr = server.addr()?;
     let plans: Vec<Arc<Plan>> = topics
@@ -326,32 +252,21 @@ async fn measure(
     let rss_after = server.status_kib("VmRSS")? * 1024;
 
     // 2. Latency at a fixed rate.
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     publish_at_rate(server, &topics, latency_events, args.rate).await?;
-    let mut hist = Histogram::<u32>::new(2)?;
-    gather(
+    let hist = gather_latencies(
         &mut rx,
         n,
         "streams",
         deadline,
         "got the last latency event",
-        |msg| match msg {
-            Msg::Latency(h) => Ok(hist.add(&*h)?),
-            _ => anyhow::bail!("unexpected report during the latency scenario"),
-        },
+        latency_events,
     )
     .await?;
-    let delivered = latency_events * n as u64;
-    anyhow::ensure!(
-        hist.len() == delivered,
-        "recorded {} latencies for {delivered} deliveries",
-        hist.len()
-    );
-    let latency_server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let latency_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (latency_server_cpu_secs, latency_bench_cpu_secs) = cpu.used(server)?;
 
     // 3. Saturation.
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     let started = Instant::now();
     let publisher = publisher_client(args.publishers)?;
     publish_burst(
@@ -363,45 +278,41 @@ async fn measure(
         args.publishers,
     )
     .await?;
-    let mut last_done = started;
-    gather(
+    let last_done = gather_last_done(
         &mut rx,
         n,
         "streams",
         deadline,
         "got the last burst event",
-        |msg| match msg {
-            Msg::Done(at) => {
-                last_done = last_done.max(at);
-                Ok(())
-            }
-            _ => anyhow::bail!("unexpected report during the burst"),
-        },
+        started,
     )
     .await?;
     let burst_secs = last_done.duration_since(started).as_secs_f64();
-    let server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (server_cpu_secs, bench_cpu_secs) = cpu.used(server)?;
 
     let ms = |v: u64| v as f64 / 1000.0;
+    let closed = drops.closed.load(Ordering::Relaxed) as f64;
+    let broken = drops.broken.load(Ordering::Relaxed) as f64;
     Ok(Figure {
-        open_secs,
-        rss_before: rss_before as f64,
-        rss_after: rss_after as f64,
-        bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
-        p50_ms: ms(hist.value_at_quantile(0.5)),
-        p99_ms: ms(hist.value_at_quantile(0.99)),
-        p999_ms: ms(hist.value_at_quantile(0.999)),
-        max_ms: ms(hist.max()),
-        latency_server_cpu_secs,
-        latency_bench_cpu_secs,
-        burst_secs,
-        deliveries_per_sec: (burst * n as u64) as f64 / burst_secs,
-        closed: drops.closed.load(Ordering::Relaxed) as f64,
-        broken: drops.broken.load(Ordering::Relaxed) as f64,
-        server_cpu_secs,
-        bench_cpu_secs,
-        peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+        fanout: Fanout {
+            open_secs,
+            rss_before: rss_before as f64,
+            rss_after: rss_after as f64,
+            bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
+            p50_ms: ms(hist.value_at_quantile(0.5)),
+            p99_ms: ms(hist.value_at_quantile(0.99)),
+            p999_ms: ms(hist.value_at_quantile(0.999)),
+            max_ms: ms(hist.max()),
+            latency_server_cpu_secs,
+            latency_bench_cpu_secs,
+            burst_secs,
+            deliveries_per_sec: (burst * n as u64) as f64 / burst_secs,
+            server_cpu_secs,
+            bench_cpu_secs,
+            peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+        },
+        closed,
+        broken,
     })
 }
 
@@ -409,31 +320,15 @@ async fn measure(
 fn medians(runs: &[Figure]) -> Figure {
     let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
-        open_secs: median(|f| f.open_secs),
-        rss_before: median(|f| f.rss_before),
-        rss_after: median(|f| f.rss_after),
-        bytes_per_conn: median(|f| f.bytes_per_conn),
-        p50_ms: median(|f| f.p50_ms),
-        p99_ms: median(|f| f.p99_ms),
-        p999_ms: median(|f| f.p999_ms),
-        max_ms: median(|f| f.max_ms),
-        latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
-        latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
-        burst_secs: median(|f| f.burst_secs),
-        deliveries_per_sec: median(|f| f.deliveries_per_sec),
+        fanout: Fanout::medians(runs, |f| &f.fanout),
         closed: median(|f| f.closed),
         broken: median(|f| f.broken),
-        server_cpu_secs: median(|f| f.server_cpu_secs),
-        bench_cpu_secs: median(|f| f.bench_cpu_secs),
-        peak_rss: median(|f| f.peak_rss),
     }
 }
 
-fn print_report(args: &Args, results: &[Outcome]) {
+fn print_report(args: &Args, results: &[Outcome<Figure>]) {
     let bus = args.services.bus();
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
-    let mib = |v: f64| v / (1024.0 * 1024.0);
-    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    let latency_events = latency_events(args.rate, args.seconds);
     println!(
         "\nSSE, {}, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
         if args.many_topics {
@@ -445,13 +340,7 @@ fn print_report(args: &Args, results: &[Outcome]) {
     );
     // One table per scenario, a row per connection count.
     let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
-        println!("\n{title}\n{head}");
-        for o in results {
-            match &o.result {
-                Ok(f) => println!("{:<12} {}", o.n, row(f)),
-                Err(_) => println!("{:<12} failed", o.n),
-            }
-        }
+        server::table(results, &title, &head, row);
     };
 
     table(
@@ -459,40 +348,16 @@ fn print_report(args: &Args, results: &[Outcome]) {
             "idle memory (server VmRSS, {} ms after the last stream opened)",
             args.settle_ms
         ),
-        format!(
-            "{:<12} {:>8} {:>15} {:>14} {:>14}",
-            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
-        ),
-        &|f| {
-            format!(
-                "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
-                f.open_secs,
-                mib(f.rss_before),
-                mib(f.rss_after),
-                f.bytes_per_conn / 1024.0
-            )
-        },
+        Fanout::idle_head(),
+        &|f| f.fanout.idle_row(),
     );
     table(
         format!(
             "latency: {latency_events} events at {}/s, publish sent -> event parsed by the client",
             args.rate
         ),
-        format!(
-            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
-            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
-        ),
-        &|f| {
-            format!(
-                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
-                f.p50_ms,
-                f.p99_ms,
-                f.p999_ms,
-                f.max_ms,
-                f.latency_server_cpu_secs,
-                f.latency_bench_cpu_secs
-            )
-        },
+        Fanout::latency_head(),
+        &|f| f.fanout.latency_row(),
     );
     table(
         format!(
@@ -516,18 +381,18 @@ fn print_report(args: &Args, results: &[Outcome]) {
         &|f| {
             format!(
                 "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>13.0} {:>13.0}",
-                f.deliveries_per_sec,
-                f.burst_secs,
-                f.server_cpu_secs,
-                f.bench_cpu_secs,
-                mib(f.peak_rss),
+                f.fanout.deliveries_per_sec,
+                f.fanout.burst_secs,
+                f.fanout.server_cpu_secs,
+                f.fanout.bench_cpu_secs,
+                mib(f.fanout.peak_rss),
                 f.closed,
                 f.broken
             )
         },
     );
     for o in results {
-        if let Some(e) = &o.first_error {
+        if let Some(e) = &o.firsts.error {
             println!(
                 "\n{} connections: streams broke and resumed; the first error: {e}",
                 o.n
@@ -552,30 +417,26 @@ fn print_report(args: &Args, results: &[Outcome]) {
         });
         let lines = match &o.result {
             Ok(f) => vec![
-                json!({
-                    "scenario": "sse", "name": format!("idle memory, {n} connections{shape}"),
-                    "open_secs": r3(f.open_secs),
-                    "rss_before_bytes": f.rss_before.round() as u64,
-                    "rss_after_bytes": f.rss_after.round() as u64,
-                    "bytes_per_connection": f.bytes_per_conn.round() as i64,
-                    "settle_ms": args.settle_ms,
-                }),
-                json!({
-                    "scenario": "sse", "name": format!("latency, {n} connections{shape}"),
-                    "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
-                    "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
-                    "server_cpu_secs": r3(f.latency_server_cpu_secs),
-                    "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
-                }),
+                f.fanout.idle_json(
+                    "sse",
+                    format!("idle memory, {n} connections{shape}"),
+                    args.settle_ms,
+                ),
+                f.fanout.latency_json(
+                    "sse",
+                    format!("latency, {n} connections{shape}"),
+                    latency_events,
+                    args.rate,
+                ),
                 json!({
                     "scenario": "sse", "name": format!("saturation, {n} connections{shape}"),
-                    "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
-                    "secs": r3(f.burst_secs),
-                    "server_cpu_secs": r3(f.server_cpu_secs), "bench_cpu_secs": r3(f.bench_cpu_secs),
-                    "peak_rss_bytes": f.peak_rss.round() as u64,
+                    "deliveries_per_sec": f.fanout.deliveries_per_sec.round() as u64,
+                    "secs": r3(f.fanout.burst_secs),
+                    "server_cpu_secs": r3(f.fanout.server_cpu_secs), "bench_cpu_secs": r3(f.fanout.bench_cpu_secs),
+                    "peak_rss_bytes": f.fanout.peak_rss.round() as u64,
                     "streams_ended_and_resumed": f.closed.round() as u64,
                     "streams_broken_and_resumed": f.broken.round() as u64,
-                    "first_transport_error": o.first_error,
+                    "first_transport_error": o.firsts.error,
                     "burst": args.burst(), "batch": args.batch, "publishers": args.publishers,
                 }),
             ],
@@ -583,11 +444,6 @@ fn print_report(args: &Args, results: &[Outcome]) {
                 "scenario": "sse", "name": format!("{n} connections"), "error": e,
             })],
         };
-        for mut line in lines {
-            if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
-                line.extend(common.clone());
-            }
-            println!("{line}");
-        }
+        print_json_lines(&common, lines);
     }
 }

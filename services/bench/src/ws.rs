@@ -54,8 +54,10 @@ use tokio_tungstenite::{
 };
 
 use crate::server::{
-    Drops, Msg, Server, Services, cpu_secs, gather, now_us, open_files_limit, publish_at_rate,
-    publish_burst, publisher_client, server_binary,
+    self, CpuMark, Drops, Fanout, Firsts, Msg, Outcome, Server, Services, each_count,
+    ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, now_us,
+    open_files_limit, print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
+    server_binary,
 };
 
 #[derive(clap::Args)]
@@ -112,29 +114,8 @@ pub(crate) struct Args {
 /// One run's figures (or, in the report, the median of each over the runs).
 #[derive(Clone, Copy)]
 struct Figure {
-    /// First connect → every socket has its subscription ack.
-    open_secs: f64,
-    /// Server `VmRSS` before the sockets open and after they idled.
-    rss_before: f64,
-    rss_after: f64,
-    /// (after − before) / connections.
-    bytes_per_conn: f64,
-    /// Publish sent → event frame parsed by the socket, per event per socket.
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-    /// CPU time, in seconds, the server and the bench used from the first
-    /// latency publish to the last socket having its last event.
-    latency_server_cpu_secs: f64,
-    latency_bench_cpu_secs: f64,
-    /// First burst publish → last socket has the last event.
-    burst_secs: f64,
-    /// Burst events × sockets / `burst_secs`.
-    deliveries_per_sec: f64,
-    /// CPU time, in seconds, the server and the bench used during the burst.
-    server_cpu_secs: f64,
-    bench_cpu_secs: f64,
+    /// The idle memory, latency and saturation scenarios'.
+    fanout: Fanout,
     /// Publish frame sent → its ack read, over the WebSocket.
     ack_p50_ms: f64,
     ack_p99_ms: f64,
@@ -151,8 +132,6 @@ struct Figure {
     closed: f64,
     /// Sockets whose connection broke and the bench reopened, whole run.
     broken: f64,
-    /// Server `VmHWM` (peak resident set) at the end of the run.
-    peak_rss: f64,
 }
 
 /// What every subscribed socket of a run is told.
@@ -231,90 +210,50 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     // A database of the bench's own, dropped at the end.
     let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
-    let mut results = Vec::new();
-    for &n in &args.connections {
-        let mut runs = Vec::new();
-        let (mut failure, mut first_error, mut first_close) = (None, None, None);
-        for run in 0..args.runs.max(1) {
-            match one_run(&binary, &db.url, &args, n, run).await {
-                Ok((f, error, close)) => {
-                    if let Some(error) = &error {
-                        eprintln!(
-                            "  {n} connections, run {}: {} sockets broke and reconnected; the first: {error}",
-                            run + 1,
-                            f.broken
-                        );
-                    }
-                    if let Some(close) = &close {
-                        eprintln!(
-                            "  {n} connections, run {}: the server closed {} sockets, which reconnected; the first: {close}",
-                            run + 1,
-                            f.closed
-                        );
-                    }
-                    first_error = first_error.or(error);
-                    first_close = first_close.or(close);
-                    if !args.quiet {
-                        eprintln!(
-                            "  {n} connections, run {}: opened in {:.1} s, {:.1} KiB/connection idle; \
-                             latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s; \
-                             publish -> ack p50 {:.2} ms, p99 {:.2} ms, {:.0} publishes/s; \
-                             reconnects: {} closed, {} broken",
-                            run + 1,
-                            f.open_secs,
-                            f.bytes_per_conn / 1024.0,
-                            f.p50_ms,
-                            f.p99_ms,
-                            f.max_ms,
-                            f.deliveries_per_sec,
-                            f.ack_p50_ms,
-                            f.ack_p99_ms,
-                            f.publishes_per_sec,
-                            f.closed,
-                            f.broken
-                        );
-                    }
-                    runs.push(f);
-                }
-                Err(e) => {
-                    eprintln!("  {n} connections, run {}: FAILED: {e:#}", run + 1);
-                    failure = Some(format!("{e:#}"));
-                    break;
-                }
+    let results = each_count(
+        &args.connections,
+        args.runs,
+        |n, run| one_run(&binary, &db.url, &args, n, run),
+        |at, f, firsts| {
+            if let Some(error) = &firsts.error {
+                eprintln!(
+                    "{at}: {} sockets broke and reconnected; the first: {error}",
+                    f.broken
+                );
             }
-        }
-        results.push(Outcome {
-            n,
-            result: failure.map_or_else(|| Ok(medians(&runs)), Err),
-            first_error,
-            first_close,
-        });
-    }
+            if let Some(close) = &firsts.close {
+                eprintln!(
+                    "{at}: the server closed {} sockets, which reconnected; the first: {close}",
+                    f.closed
+                );
+            }
+            if !args.quiet {
+                eprintln!(
+                    "{at}: opened in {:.1} s, {:.1} KiB/connection idle; \
+                     latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; burst {:.0} deliveries/s; \
+                     publish -> ack p50 {:.2} ms, p99 {:.2} ms, {:.0} publishes/s; \
+                     reconnects: {} closed, {} broken",
+                    f.fanout.open_secs,
+                    f.fanout.bytes_per_conn / 1024.0,
+                    f.fanout.p50_ms,
+                    f.fanout.p99_ms,
+                    f.fanout.max_ms,
+                    f.fanout.deliveries_per_sec,
+                    f.ack_p50_ms,
+                    f.ack_p99_ms,
+                    f.publishes_per_sec,
+                    f.closed,
+                    f.broken
+                );
+            }
+        },
+        medians,
+    )
+    .await;
     drop(db);
 
     print_report(&args, &results);
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|o| o.result.is_err())
-        .map(|o| o.n.to_string())
-        .collect();
-    anyhow::ensure!(
-        failed.is_empty(),
-        "the run with {} connections failed (see above)",
-        failed.join(" and ")
-    );
-    Ok(())
-}
-
-/// What came of one connection count.
-struct Outcome {
-    n: usize,
-    /// The medians, or why a run failed.
-    result: Result<Figure, String>,
-    /// The first transport error a socket got (and recovered from), if any.
-    first_error: Option<String>,
-    /// The first close the server sent a socket (which reconnected), if any.
-    first_close: Option<String>,
+    ensure_all_ran(&results)
 }
 
 /// One run with `n` sockets, on a server process of its own.
@@ -324,34 +263,22 @@ async fn one_run(
     args: &Args,
     n: usize,
     run: usize,
-) -> anyhow::Result<(Figure, Option<String>, Option<String>)> {
-    let mut env = vec![
-        ("DATABASE_URL", database_url.to_owned()),
+) -> anyhow::Result<(Figure, Firsts)> {
+    let env = [
         (
             "RT_WS_MAX_CONNECTIONS",
             (n + args.ack_sockets + 1000).to_string(),
         ),
         ("RT_WS_PUBLISH_RATE", "1000000".to_owned()),
-        ("RT_LOG_FORMAT", "text".to_owned()),
     ];
-    if let Some(url) = &args.services.nats_url {
-        env.push(("RT_NATS_URL", url.clone()));
-        env.push((
-            "RT_NATS_PREFIX",
-            format!("bench{}", uuid::Uuid::new_v4().simple()),
-        ));
-    }
-    let binary = binary.to_owned();
-    let mut server = tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await??;
+    let mut server = args.services.start(binary, database_url, &env).await?;
     let mut sockets = JoinSet::new();
     let drops = Arc::new(Drops::default());
     let result = measure(&server, args, n, run, &drops, &mut sockets).await;
     // Sockets first, so that none sees the server go and reconnects.
     sockets.shutdown().await;
     let figure = result.map_err(|e| server.explain(e))?;
-    let take =
-        |m: &std::sync::Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).take();
-    Ok((figure, take(&drops.first_error), take(&drops.first_close)))
+    Ok((figure, drops.take_firsts()))
 }
 
 /// The four scenarios, in order, on `n` sockets subscribed to one fresh topic.
@@ -364,7 +291,7 @@ async fn measure(
     sockets: &mut JoinSet<()>,
 ) -> anyhow::Result<Figure> {
     let topic = format!("ws{n}-{run}");
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
+    let latency_events = latency_events(args.rate, args.seconds);
     let ws_url = format!("{}/v1/ws", server.url("").replacen("http://", "ws://", 1));
     let plan = Arc::new(Plan {
         url: ws_url.clone(),
@@ -406,7 +333,7 @@ async fn measure(
     let rss_after = server.status_kib("VmRSS")? * 1024;
 
     // 2. Latency at a fixed rate.
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     publish_at_rate(
         server,
         std::slice::from_ref(&plan.topic),
@@ -414,30 +341,19 @@ async fn measure(
         args.rate,
     )
     .await?;
-    let mut hist = Histogram::<u32>::new(2)?;
-    gather(
+    let hist = gather_latencies(
         &mut rx,
         n,
         "sockets",
         deadline,
         "got the last latency event",
-        |msg| match msg {
-            Msg::Latency(h) => Ok(hist.add(&*h)?),
-            _ => anyhow::bail!("unexpected report during the latency scenario"),
-        },
+        latency_events,
     )
     .await?;
-    let delivered = latency_events * n as u64;
-    anyhow::ensure!(
-        hist.len() == delivered,
-        "recorded {} latencies for {delivered} deliveries",
-        hist.len()
-    );
-    let latency_server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let latency_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (latency_server_cpu_secs, latency_bench_cpu_secs) = cpu.used(server)?;
 
     // 3. Saturation.
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     let started = Instant::now();
     let publisher = publisher_client(args.publishers)?;
     publish_burst(
@@ -449,33 +365,24 @@ async fn measure(
         args.publishers,
     )
     .await?;
-    let mut last_done = started;
-    gather(
+    let last_done = gather_last_done(
         &mut rx,
         n,
         "sockets",
         deadline,
         "got the last burst event",
-        |msg| match msg {
-            Msg::Done(at) => {
-                last_done = last_done.max(at);
-                Ok(())
-            }
-            _ => anyhow::bail!("unexpected report during the burst"),
-        },
+        started,
     )
     .await?;
     let burst_secs = last_done.duration_since(started).as_secs_f64();
-    let server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (server_cpu_secs, bench_cpu_secs) = cpu.used(server)?;
 
     // 4. Publish → ack over the WebSocket, on a topic of its own.
-    let (server_cpu, bench_cpu) = (server.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let cpu = CpuMark::now(server)?;
     let (acks, ack_secs) = publish_over_sockets(&ws_url, &format!("{}-acks", plan.topic), args)
         .await
         .context("publish -> ack")?;
-    let ack_server_cpu_secs = server.cpu_secs()? - server_cpu;
-    let ack_bench_cpu_secs = cpu_secs("/proc/self/stat")? - bench_cpu;
+    let (ack_server_cpu_secs, ack_bench_cpu_secs) = cpu.used(server)?;
     // A subscribed socket that failed after its last event (an unexpected
     // frame, a reconnect that did not work) fails the run too.
     while let Ok(msg) = rx.try_recv() {
@@ -486,20 +393,6 @@ async fn measure(
 
     let ms = |v: u64| v as f64 / 1000.0;
     Ok(Figure {
-        open_secs,
-        rss_before: rss_before as f64,
-        rss_after: rss_after as f64,
-        bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
-        p50_ms: ms(hist.value_at_quantile(0.5)),
-        p99_ms: ms(hist.value_at_quantile(0.99)),
-        p999_ms: ms(hist.value_at_quantile(0.999)),
-        max_ms: ms(hist.max()),
-        latency_server_cpu_secs,
-        latency_bench_cpu_secs,
-        burst_secs,
-        deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
-        server_cpu_secs,
-        bench_cpu_secs,
         ack_p50_ms: ms(acks.value_at_quantile(0.5)),
         ack_p99_ms: ms(acks.value_at_quantile(0.99)),
         ack_p999_ms: ms(acks.value_at_quantile(0.999)),
@@ -510,7 +403,23 @@ async fn measure(
         ack_bench_cpu_secs,
         closed: drops.closed.load(Ordering::Relaxed) as f64,
         broken: drops.broken.load(Ordering::Relaxed) as f64,
-        peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+        fanout: Fanout {
+            open_secs,
+            rss_before: rss_before as f64,
+            rss_after: rss_after as f64,
+            bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
+            p50_ms: ms(hist.value_at_quantile(0.5)),
+            p99_ms: ms(hist.value_at_quantile(0.99)),
+            p999_ms: ms(hist.value_at_quantile(0.999)),
+            max_ms: ms(hist.max()),
+            latency_server_cpu_secs,
+            latency_bench_cpu_secs,
+            burst_secs,
+            deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
+            server_cpu_secs,
+            bench_cpu_secs,
+            peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
+        },
     })
 }
 
@@ -801,20 +710,7 @@ async fn publish_and_wait(
 fn medians(runs: &[Figure]) -> Figure {
     let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
-        open_secs: median(|f| f.open_secs),
-        rss_before: median(|f| f.rss_before),
-        rss_after: median(|f| f.rss_after),
-        bytes_per_conn: median(|f| f.bytes_per_conn),
-        p50_ms: median(|f| f.p50_ms),
-        p99_ms: median(|f| f.p99_ms),
-        p999_ms: median(|f| f.p999_ms),
-        max_ms: median(|f| f.max_ms),
-        latency_server_cpu_secs: median(|f| f.latency_server_cpu_secs),
-        latency_bench_cpu_secs: median(|f| f.latency_bench_cpu_secs),
-        burst_secs: median(|f| f.burst_secs),
-        deliveries_per_sec: median(|f| f.deliveries_per_sec),
-        server_cpu_secs: median(|f| f.server_cpu_secs),
-        bench_cpu_secs: median(|f| f.bench_cpu_secs),
+        fanout: Fanout::medians(runs, |f| &f.fanout),
         ack_p50_ms: median(|f| f.ack_p50_ms),
         ack_p99_ms: median(|f| f.ack_p99_ms),
         ack_p999_ms: median(|f| f.ack_p999_ms),
@@ -825,28 +721,19 @@ fn medians(runs: &[Figure]) -> Figure {
         ack_bench_cpu_secs: median(|f| f.ack_bench_cpu_secs),
         closed: median(|f| f.closed),
         broken: median(|f| f.broken),
-        peak_rss: median(|f| f.peak_rss),
     }
 }
 
-fn print_report(args: &Args, results: &[Outcome]) {
+fn print_report(args: &Args, results: &[Outcome<Figure>]) {
     let bus = args.services.bus();
-    let latency_events = ((args.rate * args.seconds).round() as u64).max(1);
-    let mib = |v: f64| v / (1024.0 * 1024.0);
-    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    let latency_events = latency_events(args.rate, args.seconds);
     println!(
         "\nWebSockets, all subscribed to one topic, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
         args.runs.max(1)
     );
     // One table per scenario, a row per connection count.
     let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
-        println!("\n{title}\n{head}");
-        for o in results {
-            match &o.result {
-                Ok(f) => println!("{:<12} {}", o.n, row(f)),
-                Err(_) => println!("{:<12} failed", o.n),
-            }
-        }
+        server::table(results, &title, &head, row);
     };
 
     table(
@@ -854,40 +741,16 @@ fn print_report(args: &Args, results: &[Outcome]) {
             "idle memory (server VmRSS, {} ms after the last subscription ack)",
             args.settle_ms
         ),
-        format!(
-            "{:<12} {:>8} {:>15} {:>14} {:>14}",
-            "connections", "open s", "RSS before MiB", "RSS after MiB", "KiB/connection"
-        ),
-        &|f| {
-            format!(
-                "{:>8.2} {:>15.1} {:>14.1} {:>14.2}",
-                f.open_secs,
-                mib(f.rss_before),
-                mib(f.rss_after),
-                f.bytes_per_conn / 1024.0
-            )
-        },
+        Fanout::idle_head(),
+        &|f| f.fanout.idle_row(),
     );
     table(
         format!(
             "latency: {latency_events} events at {}/s over HTTP, publish sent -> event frame parsed by the client",
             args.rate
         ),
-        format!(
-            "{:<12} {:>8} {:>8} {:>9} {:>8} {:>13} {:>12}",
-            "connections", "p50 ms", "p99 ms", "p999 ms", "max ms", "server CPU s", "bench CPU s"
-        ),
-        &|f| {
-            format!(
-                "{:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>13.2} {:>12.2}",
-                f.p50_ms,
-                f.p99_ms,
-                f.p999_ms,
-                f.max_ms,
-                f.latency_server_cpu_secs,
-                f.latency_bench_cpu_secs
-            )
-        },
+        Fanout::latency_head(),
+        &|f| f.fanout.latency_row(),
     );
     table(
         format!(
@@ -909,11 +772,11 @@ fn print_report(args: &Args, results: &[Outcome]) {
         &|f| {
             format!(
                 "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>14.0} {:>13.0}",
-                f.deliveries_per_sec,
-                f.burst_secs,
-                f.server_cpu_secs,
-                f.bench_cpu_secs,
-                mib(f.peak_rss),
+                f.fanout.deliveries_per_sec,
+                f.fanout.burst_secs,
+                f.fanout.server_cpu_secs,
+                f.fanout.bench_cpu_secs,
+                mib(f.fanout.peak_rss),
                 f.closed,
                 f.broken
             )
@@ -950,13 +813,13 @@ fn print_report(args: &Args, results: &[Outcome]) {
         },
     );
     for o in results {
-        if let Some(e) = &o.first_close {
+        if let Some(e) = &o.firsts.close {
             println!(
                 "\n{} connections: the server closed sockets, which resumed; the first close: {e}",
                 o.n
             );
         }
-        if let Some(e) = &o.first_error {
+        if let Some(e) = &o.firsts.error {
             println!(
                 "\n{} connections: sockets broke and resumed; the first error: {e}",
                 o.n
@@ -974,31 +837,27 @@ fn print_report(args: &Args, results: &[Outcome]) {
         });
         let lines = match &o.result {
             Ok(f) => vec![
-                json!({
-                    "scenario": "ws", "name": format!("idle memory, {n} connections"),
-                    "open_secs": r3(f.open_secs),
-                    "rss_before_bytes": f.rss_before.round() as u64,
-                    "rss_after_bytes": f.rss_after.round() as u64,
-                    "bytes_per_connection": f.bytes_per_conn.round() as i64,
-                    "settle_ms": args.settle_ms,
-                }),
-                json!({
-                    "scenario": "ws", "name": format!("latency, {n} connections"),
-                    "p50_ms": r3(f.p50_ms), "p99_ms": r3(f.p99_ms), "p999_ms": r3(f.p999_ms),
-                    "max_ms": r3(f.max_ms), "events": latency_events, "rate": args.rate,
-                    "server_cpu_secs": r3(f.latency_server_cpu_secs),
-                    "bench_cpu_secs": r3(f.latency_bench_cpu_secs),
-                }),
+                f.fanout.idle_json(
+                    "ws",
+                    format!("idle memory, {n} connections"),
+                    args.settle_ms,
+                ),
+                f.fanout.latency_json(
+                    "ws",
+                    format!("latency, {n} connections"),
+                    latency_events,
+                    args.rate,
+                ),
                 json!({
                     "scenario": "ws", "name": format!("saturation, {n} connections"),
-                    "deliveries_per_sec": f.deliveries_per_sec.round() as u64,
-                    "secs": r3(f.burst_secs),
-                    "server_cpu_secs": r3(f.server_cpu_secs), "bench_cpu_secs": r3(f.bench_cpu_secs),
-                    "peak_rss_bytes": f.peak_rss.round() as u64,
+                    "deliveries_per_sec": f.fanout.deliveries_per_sec.round() as u64,
+                    "secs": r3(f.fanout.burst_secs),
+                    "server_cpu_secs": r3(f.fanout.server_cpu_secs), "bench_cpu_secs": r3(f.fanout.bench_cpu_secs),
+                    "peak_rss_bytes": f.fanout.peak_rss.round() as u64,
                     "sockets_closed_and_resumed": f.closed.round() as u64,
                     "sockets_broken_and_resumed": f.broken.round() as u64,
-                    "first_close": o.first_close,
-                    "first_transport_error": o.first_error,
+                    "first_close": o.firsts.close,
+                    "first_transport_error": o.firsts.error,
                     "burst": args.burst, "batch": args.batch, "publishers": args.publishers,
                 }),
                 json!({
@@ -1016,12 +875,7 @@ fn print_report(args: &Args, results: &[Outcome]) {
                 "scenario": "ws", "name": format!("{n} connections"), "error": e,
             })],
         };
-        for mut line in lines {
-            if let (Some(line), Some(common)) = (line.as_object_mut(), common.as_object()) {
-                line.extend(common.clone());
-            }
-            println!("{line}");
-        }
+        print_json_lines(&common, lines);
     }
 }
 
