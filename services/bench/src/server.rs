@@ -772,7 +772,57 @@ pub(crate) struct Fanout {
     pub(crate) peak_rss: f64,
 }
 
+/// What a run read in the idle memory scenario.
+pub(crate) struct Idle {
+    /// First connect → every client is ready.
+    pub(crate) open_secs: f64,
+    /// Server `VmRSS`, in bytes, before the clients open and after they idled.
+    pub(crate) rss_before: u64,
+    pub(crate) rss_after: u64,
+}
+
+/// What a run read in the saturation scenario.
+pub(crate) struct Burst {
+    /// Burst events × clients.
+    pub(crate) deliveries: u64,
+    /// First burst event sent → last client has the last event.
+    pub(crate) secs: f64,
+    /// CPU seconds the server and the bench used meanwhile.
+    pub(crate) cpu: (f64, f64),
+}
+
 impl Fanout {
+    /// One run's figures, from what it read for `n` connections: the idle
+    /// memory, the latencies (µs) and the CPU they cost, the burst, and the
+    /// server's peak resident set in bytes.
+    pub(crate) fn measured(
+        n: usize,
+        idle: Idle,
+        latencies: &Histogram<u32>,
+        latency_cpu: (f64, f64),
+        burst: Burst,
+        peak_rss: u64,
+    ) -> Fanout {
+        let (rss_before, rss_after) = (idle.rss_before as f64, idle.rss_after as f64);
+        Fanout {
+            open_secs: idle.open_secs,
+            rss_before,
+            rss_after,
+            bytes_per_conn: (rss_after - rss_before) / n as f64,
+            p50_ms: ms(latencies.value_at_quantile(0.5)),
+            p99_ms: ms(latencies.value_at_quantile(0.99)),
+            p999_ms: ms(latencies.value_at_quantile(0.999)),
+            max_ms: ms(latencies.max()),
+            latency_server_cpu_secs: latency_cpu.0,
+            latency_bench_cpu_secs: latency_cpu.1,
+            burst_secs: burst.secs,
+            deliveries_per_sec: burst.deliveries as f64 / burst.secs,
+            server_cpu_secs: burst.cpu.0,
+            bench_cpu_secs: burst.cpu.1,
+            peak_rss: peak_rss as f64,
+        }
+    }
+
     /// The median of every figure, each taken on its own over the runs
     /// (`get` finds the figures in a run's).
     pub(crate) fn medians<R>(runs: &[R], get: fn(&R) -> &Fanout) -> Fanout {
@@ -870,6 +920,11 @@ impl Fanout {
             "bench_cpu_secs": r3(self.latency_bench_cpu_secs),
         })
     }
+}
+
+/// Microseconds (as the histograms hold them) in milliseconds.
+pub(crate) fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 /// Bytes in MiB, for the tables.

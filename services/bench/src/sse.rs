@@ -38,7 +38,7 @@ use tokio::{
 };
 
 use crate::server::{
-    self, CpuMark, Drops, Fanout, Firsts, Msg, Outcome, Server, Services, each_count,
+    self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, Services, each_count,
     ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib,
     open_files_limit, print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
     server_binary,
@@ -263,7 +263,7 @@ async fn measure(
         latency_events,
     )
     .await?;
-    let (latency_server_cpu_secs, latency_bench_cpu_secs) = cpu.used(server)?;
+    let latency_cpu = cpu.used(server)?;
 
     // 3. Saturation.
     let cpu = CpuMark::now(server)?;
@@ -287,30 +287,27 @@ async fn measure(
         started,
     )
     .await?;
-    let burst_secs = last_done.duration_since(started).as_secs_f64();
-    let (server_cpu_secs, bench_cpu_secs) = cpu.used(server)?;
+    let burst_cpu = cpu.used(server)?;
 
-    let ms = |v: u64| v as f64 / 1000.0;
     let closed = drops.closed.load(Ordering::Relaxed) as f64;
     let broken = drops.broken.load(Ordering::Relaxed) as f64;
     Ok(Figure {
-        fanout: Fanout {
-            open_secs,
-            rss_before: rss_before as f64,
-            rss_after: rss_after as f64,
-            bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
-            p50_ms: ms(hist.value_at_quantile(0.5)),
-            p99_ms: ms(hist.value_at_quantile(0.99)),
-            p999_ms: ms(hist.value_at_quantile(0.999)),
-            max_ms: ms(hist.max()),
-            latency_server_cpu_secs,
-            latency_bench_cpu_secs,
-            burst_secs,
-            deliveries_per_sec: (burst * n as u64) as f64 / burst_secs,
-            server_cpu_secs,
-            bench_cpu_secs,
-            peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
-        },
+        fanout: Fanout::measured(
+            n,
+            Idle {
+                open_secs,
+                rss_before,
+                rss_after,
+            },
+            &hist,
+            latency_cpu,
+            Burst {
+                deliveries: burst * n as u64,
+                secs: last_done.duration_since(started).as_secs_f64(),
+                cpu: burst_cpu,
+            },
+            server.status_kib("VmHWM")? * 1024,
+        ),
         closed,
         broken,
     })

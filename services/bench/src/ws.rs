@@ -54,8 +54,8 @@ use tokio_tungstenite::{
 };
 
 use crate::server::{
-    self, CpuMark, Drops, Fanout, Firsts, Msg, Outcome, Server, Services, each_count,
-    ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, now_us,
+    self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, Services, each_count,
+    ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, ms, now_us,
     open_files_limit, print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
     server_binary,
 };
@@ -350,7 +350,7 @@ async fn measure(
         latency_events,
     )
     .await?;
-    let (latency_server_cpu_secs, latency_bench_cpu_secs) = cpu.used(server)?;
+    let latency_cpu = cpu.used(server)?;
 
     // 3. Saturation.
     let cpu = CpuMark::now(server)?;
@@ -374,8 +374,7 @@ async fn measure(
         started,
     )
     .await?;
-    let burst_secs = last_done.duration_since(started).as_secs_f64();
-    let (server_cpu_secs, bench_cpu_secs) = cpu.used(server)?;
+    let burst_cpu = cpu.used(server)?;
 
     // 4. Publish → ack over the WebSocket, on a topic of its own.
     let cpu = CpuMark::now(server)?;
@@ -391,7 +390,6 @@ async fn measure(
         }
     }
 
-    let ms = |v: u64| v as f64 / 1000.0;
     Ok(Figure {
         ack_p50_ms: ms(acks.value_at_quantile(0.5)),
         ack_p99_ms: ms(acks.value_at_quantile(0.99)),
@@ -403,23 +401,22 @@ async fn measure(
         ack_bench_cpu_secs,
         closed: drops.closed.load(Ordering::Relaxed) as f64,
         broken: drops.broken.load(Ordering::Relaxed) as f64,
-        fanout: Fanout {
-            open_secs,
-            rss_before: rss_before as f64,
-            rss_after: rss_after as f64,
-            bytes_per_conn: (rss_after as f64 - rss_before as f64) / n as f64,
-            p50_ms: ms(hist.value_at_quantile(0.5)),
-            p99_ms: ms(hist.value_at_quantile(0.99)),
-            p999_ms: ms(hist.value_at_quantile(0.999)),
-            max_ms: ms(hist.max()),
-            latency_server_cpu_secs,
-            latency_bench_cpu_secs,
-            burst_secs,
-            deliveries_per_sec: (args.burst * n as u64) as f64 / burst_secs,
-            server_cpu_secs,
-            bench_cpu_secs,
-            peak_rss: (server.status_kib("VmHWM")? * 1024) as f64,
-        },
+        fanout: Fanout::measured(
+            n,
+            Idle {
+                open_secs,
+                rss_before,
+                rss_after,
+            },
+            &hist,
+            latency_cpu,
+            Burst {
+                deliveries: args.burst * n as u64,
+                secs: last_done.duration_since(started).as_secs_f64(),
+                cpu: burst_cpu,
+            },
+            server.status_kib("VmHWM")? * 1024,
+        ),
     })
 }
 
