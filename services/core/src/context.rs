@@ -31,6 +31,9 @@ pub struct Context {
     pub sse_gate: Arc<Gate>,
     /// Open WebSockets, against `--ws-max-connections`.
     pub ws_gate: Arc<Gate>,
+    /// Streams served on the main runtime (see [`crate::front`]); the
+    /// process waits for them to say goodbye before it exits.
+    pub detached: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Context {
@@ -118,6 +121,7 @@ impl Context {
             shutdown: Shutdown::new(),
             sse_gate,
             ws_gate,
+            detached: tokio_util::task::TaskTracker::new(),
         })
     }
 }

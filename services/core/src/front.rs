@@ -11,7 +11,10 @@
 //! route admits it from the request head; the head is then consumed, the
 //! response head written, and the response body (or, after a `101`, the
 //! upgraded protocol) served on the socket with a write buffer that exists
-//! only while bytes wait to be written.
+//! only while bytes wait to be written. The socket is served on the main
+//! multi-threaded runtime, where the hub's feeds run, not on the HTTP worker
+//! that accepted it: a busy thread's streams are taken by the other, and a
+//! feed's wake-ups stay within one runtime.
 //!
 //! Everything else goes to actix-http untouched: other routes, later
 //! requests on a kept-alive connection, heads that are malformed, too large
@@ -21,6 +24,7 @@
 //! both paths answer alike.
 
 use std::{
+    convert::Infallible,
     fmt::Write as _,
     future::poll_fn,
     io,
@@ -33,7 +37,6 @@ use std::{
 
 use actix_web::{
     HttpResponse,
-    body::{BoxBody, MessageBody},
     dev::{RequestHead, Service},
     error::PayloadError,
     http::{
@@ -42,7 +45,11 @@ use actix_web::{
     },
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::{Stream, future::LocalBoxFuture, stream::LocalBoxStream};
+use futures_util::{
+    Stream, StreamExt as _,
+    future::LocalBoxFuture,
+    stream::{BoxStream, LocalBoxStream},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpStream, tcp::OwnedReadHalf},
@@ -55,14 +62,24 @@ use crate::{
     server::{cors_allow, request_done, request_span},
 };
 
-/// What the client sends on an upgraded socket, as actix-web's request
-/// payload gives it: a route's upgraded protocol reads it the same way on
-/// both paths.
-pub type Inbound = LocalBoxStream<'static, Result<Bytes, PayloadError>>;
+/// What the client sends on an upgraded socket.
+pub enum Inbound {
+    /// Read from the socket by the front, on the main runtime: may move
+    /// between its threads.
+    Socket(BoxStream<'static, Result<Bytes, PayloadError>>),
+    /// actix-web's request payload (a socket the front handed over): stays
+    /// on the HTTP worker that reads it.
+    Payload(LocalBoxStream<'static, Result<Bytes, PayloadError>>),
+}
 
 /// Serves an upgraded socket: reads what the client sends, and returns
 /// what the server sends.
-pub type Opener = Box<dyn FnOnce(Inbound) -> BoxBody>;
+pub type Opener = Box<dyn FnOnce(Inbound) -> SendBody + Send>;
+
+/// A response body that may be served from any thread: the front serves a
+/// stream on the main runtime, whose threads share the work, rather than on
+/// the HTTP worker that accepted its connection.
+pub type SendBody = BoxStream<'static, Bytes>;
 
 /// Admits a stream request from its head: the response, or the error actix
 /// will answer (the same function runs again there).
@@ -83,10 +100,10 @@ pub struct StreamRoute {
 pub enum Accepted {
     /// A response whose body is sent (chunked) until it ends or the client
     /// leaves; what the client sends meanwhile is read and ignored.
-    Stream(HttpResponse),
+    Stream(HttpResponse<()>, SendBody),
     /// A `101 Switching Protocols` response; then the socket carries what
     /// the opener's body yields, and the opener reads what the client sends.
-    Upgrade(HttpResponse, Opener),
+    Upgrade(HttpResponse<()>, Opener),
 }
 
 /// The largest request head the front reads; a larger one goes to actix.
@@ -182,9 +199,9 @@ impl Front {
         }
         drop(consumed);
         let cors = cors_allow(&self.ctx.settings.cors_origins, &head.headers);
-        let (response, opener) = match accepted {
-            Accepted::Stream(response) => (response, None),
-            Accepted::Upgrade(response, opener) => (response, Some(opener)),
+        let (mut response, body) = match accepted {
+            Accepted::Stream(response, body) => (response, Body::Stream(body)),
+            Accepted::Upgrade(response, opener) => (response, Body::Upgrade(opener)),
         };
         let metrics = &self.ctx.metrics;
         request_done(&span, Some(metrics), route.path, response.status());
@@ -193,28 +210,36 @@ impl Front {
             .streams_direct
             .with_label_values(&[route.path])
             .inc();
-        let (mut response, body) = response.into_parts();
         if let Some((origin, credentials)) = cors {
             crate::server::put_cors_headers(response.headers_mut(), &origin, credentials);
         }
-        let chunked = opener.is_none();
-        let start = response_head(&response, chunked);
+        let start = response_head(&response, matches!(body, Body::Stream(_)));
+        let (runtime, detached) = (self.ctx.hub.runtime().clone(), self.ctx.detached.clone());
         drop((response, head, self));
-        match opener {
-            None => {
-                let (mut read, mut write) = io.split();
-                let drive = Box::pin(drive(&mut write, Some(&mut read), body, start, true));
-                drive.await;
+        // The rest is served on the main runtime: its threads take streams
+        // from each other when one is busy, and the hub's feeds wake them
+        // there without crossing runtimes.
+        let Ok(io) = io.into_std() else {
+            return Ok(());
+        };
+        let serve = async move {
+            let Ok(io) = TcpStream::from_std(io) else {
+                return;
+            };
+            let (mut read, mut write) = io.into_split();
+            match body {
+                Body::Stream(body) => {
+                    let body = body.map(Ok::<_, Infallible>);
+                    drive(&mut write, Some(&mut read), body, start, true).await;
+                }
+                Body::Upgrade(open) => {
+                    let body = open(Inbound::Socket(Box::pin(SocketStream(read))));
+                    let body = body.map(Ok::<_, Infallible>);
+                    drive::<_, OwnedReadHalf, _, _>(&mut write, None, body, start, false).await;
+                }
             }
-            Some(open) => {
-                let (read, mut write) = io.into_split();
-                let body = open(Box::pin(SocketStream(read)));
-                let drive = Box::pin(drive::<_, OwnedReadHalf>(
-                    &mut write, None, body, start, false,
-                ));
-                drive.await;
-            }
-        }
+        };
+        detached.spawn_on(serve, &runtime);
         Ok(())
     }
 
@@ -334,15 +359,16 @@ fn response_head(response: &HttpResponse<()>, chunked: bool) -> BytesMut {
 /// Writes `start`, then the body as it comes (chunk-encoded when
 /// `chunked`), until the body ends, a write fails, or `watch` (the client's
 /// side, when nothing else reads it) reaches its end.
-async fn drive<W, R>(
+async fn drive<W, R, B, E>(
     write: &mut W,
     mut watch: Option<&mut R>,
-    body: BoxBody,
+    body: B,
     start: BytesMut,
     chunked: bool,
 ) where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
+    B: Stream<Item = Result<Bytes, E>> + Unpin,
 {
     let mut body = Some(body);
     let mut out = start;
@@ -420,6 +446,12 @@ fn client_left<R: AsyncRead + Unpin>(read: &mut R, cx: &mut TaskContext<'_>) -> 
     }
 }
 
+/// What an admitted request's response is followed by.
+enum Body {
+    Stream(SendBody),
+    Upgrade(Opener),
+}
+
 /// The read side of an upgraded socket as a stream of chunks.
 struct SocketStream(OwnedReadHalf);
 
@@ -440,7 +472,6 @@ impl Stream for SocketStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::body::BodyStream;
     use tokio::io::{AsyncWriteExt, duplex};
 
     fn refuse<'a>(
@@ -502,12 +533,12 @@ mod tests {
         assert!(matches!(parsed(&req), Parsed::Other));
     }
 
-    fn body(chunks: &[&'static str]) -> BoxBody {
-        let items: Vec<Result<Bytes, std::io::Error>> = chunks
+    fn body(chunks: &[&'static str]) -> impl Stream<Item = Result<Bytes, Infallible>> + Unpin {
+        let items: Vec<Result<Bytes, Infallible>> = chunks
             .iter()
             .map(|c| Ok(Bytes::from_static(c.as_bytes())))
             .collect();
-        BoxBody::new(BodyStream::new(futures_util::stream::iter(items)))
+        futures_util::stream::iter(items)
     }
 
     #[tokio::test]
@@ -538,9 +569,7 @@ mod tests {
     async fn a_stream_ends_when_the_client_leaves() {
         let (mut server, mut client) = duplex(1024);
         let (mut read, mut write) = tokio::io::split(&mut server);
-        let pending = BoxBody::new(BodyStream::new(futures_util::stream::pending::<
-            Result<Bytes, std::io::Error>,
-        >()));
+        let pending = futures_util::stream::pending::<Result<Bytes, Infallible>>();
         let writing = drive(
             &mut write,
             Some(&mut read),
@@ -564,7 +593,7 @@ mod tests {
     #[tokio::test]
     async fn an_upgraded_body_is_written_as_is() {
         let (mut server, mut client) = duplex(64);
-        let writing = drive::<_, tokio::io::DuplexStream>(
+        let writing = drive::<_, tokio::io::DuplexStream, _, _>(
             &mut server,
             None,
             body(&["\u{81}\u{2}hi", "\u{88}\u{0}"]),

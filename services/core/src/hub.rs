@@ -209,6 +209,11 @@ impl Hub {
         Hub { inner }
     }
 
+    /// The runtime the hub's tasks run on (the service's main runtime).
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.inner.runtime
+    }
+
     /// Registers local interest in `topic`: from the returned subscription's
     /// creation on, every event the hub hands on reaches it. Waits until the
     /// topic's feed knows its last seq (at most the ready timeout).

@@ -220,6 +220,7 @@ pub async fn run_service_with(
     let ctx = Context::connect(settings).await?;
     let (store, bus, bind) = (ctx.store.kind(), ctx.bus.kind(), ctx.settings.bind.clone());
     let (shutdown, shutdown_timeout) = (ctx.shutdown.clone(), ctx.settings.shutdown_timeout);
+    let detached = ctx.detached.clone();
     let running: Vec<_> = workers
         .into_iter()
         .map(|worker| tokio::spawn(worker(ctx.clone())))
@@ -245,7 +246,11 @@ pub async fn run_service_with(
     });
     let served = app.run_until_stopped().await;
     shutdown.begin();
-    let drained = tokio::time::timeout(shutdown_timeout, futures_util::future::join_all(running));
+    detached.close();
+    let drained = tokio::time::timeout(
+        shutdown_timeout,
+        futures_util::future::join(futures_util::future::join_all(running), detached.wait()),
+    );
     if drained.await.is_err() {
         tracing::warn!(
             service = name,

@@ -27,14 +27,22 @@
 
 use std::{sync::Arc, time::Duration};
 
-use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
+use std::convert::Infallible;
+
+use actix_web::{
+    HttpRequest, HttpResponse,
+    body::{BodyStream, BoxBody},
+    dev::RequestHead,
+    http::header,
+    web,
+};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{future::LocalBoxFuture, stream};
+use futures_util::{StreamExt as _, future::LocalBoxFuture, stream};
 use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
     event::parse_seq,
-    front::{Accepted, StreamRoute},
+    front::{Accepted, SendBody, StreamRoute},
     gate::Pass,
     hub::{Delivery, Follower, Framing, HubError, SharedEvent},
     metrics::Metrics,
@@ -71,15 +79,21 @@ fn admit<'a>(
     ctx: &'a Context,
     head: &'a RequestHead,
 ) -> LocalBoxFuture<'a, Result<Accepted, ApiError>> {
-    Box::pin(async move { open(ctx, head).await.map(Accepted::Stream) })
+    Box::pin(async move {
+        let (response, body) = open(ctx, head).await?;
+        Ok(Accepted::Stream(response, body))
+    })
 }
 
 async fn open_stream(ctx: web::Data<Context>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    open(&ctx, req.head()).await
+    let (response, body) = open(&ctx, req.head()).await?;
+    let body = BodyStream::new(body.map(Ok::<_, Infallible>));
+    Ok(response.set_body(BoxBody::new(body)))
 }
 
-/// `GET /v1/sse?topic=a&topic=b[&after=...]`, resuming from `Last-Event-ID`.
-async fn open(ctx: &Context, head: &RequestHead) -> Result<HttpResponse, ApiError> {
+/// `GET /v1/sse?topic=a&topic=b[&after=...]`, resuming from `Last-Event-ID`:
+/// the response head, and its body.
+async fn open(ctx: &Context, head: &RequestHead) -> Result<(HttpResponse<()>, SendBody), ApiError> {
     let principal = ctx.auth.authenticate(head)?;
     let query = query::pairs(head)?;
     let topics = query::topics(&query, ctx.settings.max_topics)?;
@@ -96,11 +110,13 @@ async fn open(ctx: &Context, head: &RequestHead) -> Result<HttpResponse, ApiErro
         );
     }
     let conn = Conn::new(ctx, followers, start, pass, principal);
-    Ok(HttpResponse::Ok()
+    let response = HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(conn.into_stream()))
+        .finish()
+        .drop_body();
+    Ok((response, conn.into_stream().boxed()))
 }
 
 /// Where a stream starts: `Last-Event-ID`, else `lastEventId=`, else
@@ -240,7 +256,7 @@ impl Conn {
         }
     }
 
-    fn into_stream(self) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
+    fn into_stream(self) -> impl futures_util::Stream<Item = Bytes> + Send {
         stream::unfold(self, |mut conn| async move {
             let chunk = match conn.phase {
                 Phase::Done => return None,
@@ -260,7 +276,7 @@ impl Conn {
                     }
                 },
             };
-            Some((Ok(chunk), conn))
+            Some((chunk, conn))
         })
     }
 

@@ -8,8 +8,10 @@ use std::{
 };
 
 use actix_http::ws::{CloseCode, CloseReason, ProtocolError};
+use actix_web::error::PayloadError;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
+use futures_util::Stream;
 use rt_core::{
     Context, Topic,
     auth::Principal,
@@ -28,9 +30,6 @@ use crate::{
     outbox::{Body, Out, Outbox, outbox},
     reader::{Incoming, Reader},
 };
-
-/// The client's side of the socket.
-type ClientReader = Reader<Inbound>;
 
 /// Events read from the log per query while a subscription catches up.
 const PAGE: u32 = 500;
@@ -106,7 +105,6 @@ pub(crate) fn open(ctx: Context, principal: Principal, payload: Inbound, pass: P
     // cap is higher and only stops absurd frames (those connections are cut).
     let max = ctx.settings.max_body_bytes;
     let hard_cap = max.saturating_mul(4).max(max + 64 * 1024);
-    let reader = Reader::new(payload, hard_cap, hard_cap);
     let queue = u32::try_from(ctx.settings.ws_queue.max(16)).unwrap_or(u32::MAX);
     let (out, body) = outbox(queue);
     ctx.metrics.streams_open.with_label_values(&["ws"]).inc();
@@ -119,8 +117,16 @@ pub(crate) fn open(ctx: Context, principal: Principal, payload: Inbound, pass: P
         subs: HashMap::new(),
         publishes: None,
     };
-    // The request payload is `!Send`: the socket lives on this worker.
-    actix_web::rt::spawn(conn.run(reader, pass));
+    match payload {
+        Inbound::Socket(read) => {
+            tokio::spawn(conn.run(Reader::new(read, hard_cap, hard_cap), pass));
+        }
+        // actix-web's request payload is `!Send`: the socket lives on its
+        // worker.
+        Inbound::Payload(read) => {
+            actix_web::rt::spawn(conn.run(Reader::new(read, hard_cap, hard_cap), pass));
+        }
+    }
     body
 }
 
@@ -214,7 +220,10 @@ impl Conn {
                   into its body) for the socket's whole life; an async block \
                   holds them once"
     )]
-    fn run(mut self, mut reader: ClientReader, pass: Pass) -> impl Future<Output = ()> {
+    fn run<S>(mut self, mut reader: Reader<S>, pass: Pass) -> impl Future<Output = ()>
+    where
+        S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+    {
         async move {
             // Boxed, like `finish`: this task's own state stays what the
             // socket needs between frames.
@@ -254,10 +263,13 @@ impl Conn {
 
     /// The close to send (with the metric label of a server-side close), or
     /// `None` when the client went away without one.
-    async fn serve(
+    async fn serve<S>(
         &mut self,
-        reader: &mut ClientReader,
-    ) -> Option<(CloseReason, Option<&'static str>)> {
+        reader: &mut Reader<S>,
+    ) -> Option<(CloseReason, Option<&'static str>)>
+    where
+        S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+    {
         let settings = self.ctx.settings.clone();
         let every = settings.ws_ping_interval.max(Duration::from_millis(100));
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

@@ -31,7 +31,9 @@ mod wire;
 
 use actix_http::body::{BodyStream, BoxBody};
 use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
-use futures_util::future::LocalBoxFuture;
+use std::convert::Infallible;
+
+use futures_util::{StreamExt as _, future::LocalBoxFuture};
 use rt_core::{
     ApiError, Context,
     front::{Accepted, Inbound, Opener, StreamRoute},
@@ -115,12 +117,13 @@ async fn upgrade(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (response, open) = accept(&ctx, req.head())?;
-    Ok(response.set_body(open(Box::pin(body))))
+    let body = open(Inbound::Payload(Box::pin(body))).map(Ok::<_, Infallible>);
+    Ok(response.set_body(BoxBody::new(BodyStream::new(body))))
 }
 
 /// Checks an upgrade request: the `101` answer, and what serves the socket
 /// once it is sent.
-fn accept(ctx: &Context, req: &RequestHead) -> Result<(HttpResponse, Opener), ApiError> {
+fn accept(ctx: &Context, req: &RequestHead) -> Result<(HttpResponse<()>, Opener), ApiError> {
     let principal = ctx.auth.authenticate(req)?;
     if let Some(offered) = req.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
         let offered = offered.to_str().unwrap_or_default();
@@ -149,13 +152,9 @@ fn accept(ctx: &Context, req: &RequestHead) -> Result<(HttpResponse, Opener), Ap
         response.insert_header((header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL));
     }
     let ctx = ctx.clone();
-    let open = move |inbound: Inbound| {
-        BoxBody::new(BodyStream::new(connection::open(
-            ctx, principal, inbound, pass,
-        )))
-    };
+    let open = move |inbound: Inbound| connection::open(ctx, principal, inbound, pass).boxed();
     Ok((
-        HttpResponse::from(response.finish().map_into_boxed_body()),
+        HttpResponse::from(response.finish()).drop_body(),
         Box::new(open),
     ))
 }

@@ -250,7 +250,7 @@ impl Chunk {
 }
 
 impl Stream for Body {
-    type Item = Result<Bytes, actix_web::Error>;
+    type Item = Bytes;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -300,7 +300,7 @@ impl Stream for Body {
             this.shared.room.add_permits(freed);
         }
         match chunk.into_bytes() {
-            Some(bytes) => Poll::Ready(Some(Ok(bytes))),
+            Some(bytes) => Poll::Ready(Some(bytes)),
             None if this.done => Poll::Ready(None),
             None => Poll::Pending,
         }
@@ -351,7 +351,7 @@ mod tests {
         out.send(Out::Close((CloseCode::Away, "bye").into()), WAIT)
             .await
             .unwrap();
-        let chunk = body.next().await.unwrap().unwrap();
+        let chunk = body.next().await.unwrap();
         assert_eq!(
             frames(chunk),
             [
@@ -374,7 +374,7 @@ mod tests {
             unreachable!()
         };
         out.send(Out::Frames(bytes.clone(), n), WAIT).await.unwrap();
-        let chunk = body.next().await.unwrap().unwrap();
+        let chunk = body.next().await.unwrap();
         assert_eq!(chunk.as_ptr(), bytes.as_ptr());
     }
 
@@ -391,9 +391,9 @@ mod tests {
             out.send(Out::Ping, WAIT).await.is_err(),
             "still full after the wait"
         );
-        assert_eq!(frames(body.next().await.unwrap().unwrap()).len(), 4);
+        assert_eq!(frames(body.next().await.unwrap()).len(), 4);
         out.send(batch(&["5", "6", "7", "8"]), WAIT).await.unwrap();
-        assert_eq!(frames(body.next().await.unwrap().unwrap()).len(), 4);
+        assert_eq!(frames(body.next().await.unwrap()).len(), 4);
     }
 
     #[tokio::test]
@@ -408,10 +408,10 @@ mod tests {
             })
         };
         tokio::time::sleep(WAIT).await;
-        assert_eq!(frames(body.next().await.unwrap().unwrap()).len(), 2);
+        assert_eq!(frames(body.next().await.unwrap()).len(), 2);
         waiting.await.unwrap().unwrap();
         assert_eq!(
-            frames(body.next().await.unwrap().unwrap()),
+            frames(body.next().await.unwrap()),
             [Frame::Text("3".into())]
         );
     }
@@ -421,7 +421,7 @@ mod tests {
         let (out, mut body) = outbox(2);
         out.send(Out::Text("last".into()), WAIT).await.unwrap();
         drop(out);
-        assert_eq!(frames(body.next().await.unwrap().unwrap()).len(), 1);
+        assert_eq!(frames(body.next().await.unwrap()).len(), 1);
         assert!(body.next().await.is_none());
 
         let (out, body) = outbox(1);
