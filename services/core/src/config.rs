@@ -114,6 +114,13 @@ pub struct Settings {
     #[arg(long, env = "RT_HUB_CACHE_EVENTS", default_value_t = 256)]
     pub hub_cache_events: usize,
 
+    /// Bound on what the live hub's caches hold, all topics together, in
+    /// bytes (estimated from each event's JSON). Over it, every topic's
+    /// cache gives up its older half until three quarters of the bound are
+    /// held; readers then get older events from the store. 0: no cache.
+    #[arg(long, env = "RT_HUB_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub hub_cache_bytes: usize,
+
     /// Events a local subscriber may fall behind the live hub before it
     /// catches up from the log instead.
     /// The ring holds only the events not yet read by every subscriber, so
@@ -304,6 +311,7 @@ impl Default for Settings {
             poll_default_limit: 100,
             poll_retry_after: 1,
             hub_cache_events: 256,
+            hub_cache_bytes: 64 * 1024 * 1024,
             hub_queue: 4096,
             hub_linger: Duration::from_secs(30),
             head_check_interval: Duration::from_secs(2),

@@ -20,7 +20,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, OnceLock, RwLock, Weak},
+    sync::{
+        Arc, Mutex, OnceLock, RwLock, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -84,12 +87,21 @@ impl SharedEvent {
     pub fn seq(&self) -> u64 {
         self.event.seq
     }
+
+    /// What the event holds in memory, estimated once from its JSON: the
+    /// event, its JSON text and both framings, whether or not they are
+    /// built yet (each framing is about as long as the JSON).
+    fn cached_bytes(&self) -> usize {
+        std::mem::size_of::<SharedEvent>() + 64 + 4 * self.json.len()
+    }
 }
 
 /// How the hub behaves; see the `hub_*` settings.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     pub cache_events: usize,
+    /// Bound on every topic's cache together, in (estimated) bytes.
+    pub cache_bytes: usize,
     pub queue: usize,
     pub linger: Duration,
     pub head_check_interval: Duration,
@@ -105,6 +117,7 @@ impl HubConfig {
     pub fn from_settings(s: &Settings) -> HubConfig {
         HubConfig {
             cache_events: s.hub_cache_events,
+            cache_bytes: s.hub_cache_bytes,
             queue: s.hub_queue.max(16),
             linger: s.hub_linger,
             head_check_interval: s.head_check_interval.max(Duration::from_millis(10)),
@@ -157,6 +170,36 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     topics: Mutex<HashMap<Topic, Slot>>,
     readers: tokio::sync::Semaphore,
+    cache: Arc<CacheBudget>,
+}
+
+/// What every topic's cache holds together, against `--hub-cache-bytes`.
+struct CacheBudget {
+    bytes: AtomicUsize,
+    limit: usize,
+    /// Set while one feed trims every cache; the others go on.
+    trimming: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl CacheBudget {
+    fn add(&self, bytes: usize) {
+        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.metrics.hub_cache_bytes.set(gauge(now));
+    }
+
+    fn sub(&self, bytes: usize) {
+        let now = self.bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+        self.metrics.hub_cache_bytes.set(gauge(now));
+    }
+
+    fn held(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+fn gauge(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// A topic's feed and the local interest in it.
@@ -169,6 +212,7 @@ struct Slot {
 /// One topic's live feed: its bus subscription task, channel and cache.
 struct TopicFeed {
     topic: Topic,
+    budget: Arc<CacheBudget>,
     tx: ring::Sender<Arc<SharedEvent>>,
     state: RwLock<FeedState>,
     ready: watch::Sender<bool>,
@@ -181,8 +225,10 @@ struct FeedState {
     /// Highest seq handed on; everything up to it was handed on in order.
     last: u64,
     low_seq: u64,
-    /// The most recent events, contiguous, ending at `last`.
+    /// The most recent events, contiguous, ending at `last` (or empty).
     cache: VecDeque<Arc<SharedEvent>>,
+    /// What `cache` holds, as counted against the budget.
+    cache_bytes: usize,
 }
 
 impl Hub {
@@ -197,10 +243,16 @@ impl Hub {
         let inner = Arc::new(Inner {
             store,
             bus,
-            metrics,
+            metrics: metrics.clone(),
             runtime: tokio::runtime::Handle::current(),
             topics: Mutex::new(HashMap::new()),
             readers: tokio::sync::Semaphore::new(config.store_readers),
+            cache: Arc::new(CacheBudget {
+                bytes: AtomicUsize::new(0),
+                limit: config.cache_bytes,
+                trimming: AtomicBool::new(false),
+                metrics: metrics.clone(),
+            }),
             config,
         });
         inner
@@ -304,6 +356,7 @@ impl Inner {
     fn start_feed(self: &Arc<Self>, topic: &Topic) -> Arc<TopicFeed> {
         let feed = Arc::new(TopicFeed {
             topic: topic.clone(),
+            budget: self.cache.clone(),
             tx: ring::channel(self.config.queue),
             state: RwLock::new(FeedState {
                 low_seq: 1,
@@ -369,13 +422,76 @@ impl TopicFeed {
             // unwrap: see read_state
             let mut state = self.state.write().expect("feed state lock");
             state.last = event.seq();
-            state.cache.push_back(event.clone());
-            while state.cache.len() > cache_events {
-                state.cache.pop_front();
+            if cache_events > 0 && self.budget.limit > 0 {
+                let bytes = event.cached_bytes();
+                state.cache.push_back(event.clone());
+                state.cache_bytes += bytes;
+                self.budget.add(bytes);
             }
+            let over = state.cache.len().saturating_sub(cache_events);
+            self.drop_oldest(&mut state, over);
         }
         // No receiver is fine: the cache still serves readers.
         self.tx.send(event);
+    }
+
+    /// Drops the `n` oldest cached events; returns the bytes freed.
+    fn drop_oldest(&self, state: &mut FeedState, n: usize) -> usize {
+        let freed: usize = state.cache.drain(..n).map(|e| e.cached_bytes()).sum();
+        if freed > 0 {
+            state.cache_bytes -= freed;
+            self.budget.sub(freed);
+        }
+        freed
+    }
+
+    /// Drops the older half of the cache (all of a one-event cache);
+    /// returns the bytes freed.
+    fn halve_cache(&self) -> usize {
+        // unwrap: see read_state
+        let mut state = self.state.write().expect("feed state lock");
+        let n = state.cache.len().div_ceil(2);
+        self.drop_oldest(&mut state, n)
+    }
+}
+
+impl Drop for TopicFeed {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.budget.sub(state.cache_bytes);
+    }
+}
+
+impl Inner {
+    /// Hands an event on (see [`TopicFeed::deliver`]), then keeps every
+    /// cache together within `--hub-cache-bytes`.
+    fn deliver(&self, feed: &TopicFeed, event: Arc<SharedEvent>) {
+        feed.deliver(event, self.config.cache_events);
+        if self.cache.held() > self.cache.limit {
+            self.trim_caches();
+        }
+    }
+
+    /// Over the bound: every topic's cache gives up its older half, again
+    /// until at most three quarters of the bound is held. Each topic keeps
+    /// its newest events (what resumes and wake-ups ask for), and a trim
+    /// makes room for a quarter of the bound before the next one.
+    fn trim_caches(&self) {
+        if self.cache.trimming.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let feeds: Vec<Arc<TopicFeed>> = self
+            .lock_topics()
+            .values()
+            .map(|slot| slot.feed.clone())
+            .collect();
+        while self.cache.held() > self.cache.limit / 4 * 3 {
+            let freed: usize = feeds.iter().map(|feed| feed.halve_cache()).sum();
+            if freed == 0 {
+                break;
+            }
+        }
+        self.cache.trimming.store(false, Ordering::Release);
     }
 }
 
@@ -680,7 +796,7 @@ async fn run_feed(inner: Arc<Inner>, feed: Arc<TopicFeed>) {
                 Some(event) => {
                     let last = feed.last();
                     if event.seq == last + 1 {
-                        feed.deliver(SharedEvent::new(event), inner.config.cache_events);
+                        inner.deliver(&feed, SharedEvent::new(event));
                     } else if event.seq > last + 1 {
                         // A gap, or an arrival ahead of its predecessors: the log
                         // holds everything up to this seq.
@@ -752,7 +868,7 @@ async fn fill(inner: &Inner, feed: &TopicFeed) -> bool {
                 }
                 for event in read.events {
                     if event.seq > feed.last() {
-                        feed.deliver(SharedEvent::new(event), inner.config.cache_events);
+                        inner.deliver(feed, SharedEvent::new(event));
                     }
                 }
                 if n < FILL_PAGE as usize {

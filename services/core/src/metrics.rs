@@ -18,6 +18,7 @@ pub struct Metrics {
     pub bus_publish_errors: IntCounter,
     pub events_pruned: IntCounter,
     pub hub_topics: IntGauge,
+    pub hub_cache_bytes: IntGauge,
     pub hub_fills: IntCounterVec,
     pub hub_reads: IntCounterVec,
     pub hub_lagged: IntCounter,
@@ -63,6 +64,11 @@ impl Metrics {
         let hub_topics = IntGauge::new(
             "hub_topics",
             "Topics the live hub holds a bus subscription for",
+        )
+        .expect("valid metric");
+        let hub_cache_bytes = IntGauge::new(
+            "hub_cache_bytes",
+            "Bytes the live hub's caches of recent events hold, all topics together (estimated)",
         )
         .expect("valid metric");
         let hub_fills = IntCounterVec::new(
@@ -121,6 +127,7 @@ impl Metrics {
             Box::new(bus_publish_errors.clone()),
             Box::new(events_pruned.clone()),
             Box::new(hub_topics.clone()),
+            Box::new(hub_cache_bytes.clone()),
             Box::new(hub_fills.clone()),
             Box::new(hub_reads.clone()),
             Box::new(hub_lagged.clone()),
@@ -140,6 +147,7 @@ impl Metrics {
             bus_publish_errors,
             events_pruned,
             hub_topics,
+            hub_cache_bytes,
             hub_fills,
             hub_reads,
             hub_lagged,

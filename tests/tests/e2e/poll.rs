@@ -331,3 +331,54 @@ async fn a_wake_up_of_many_waiters_reads_nothing_from_the_store() {
         "100 waiters woke without reading the store"
     );
 }
+
+#[tokio::test]
+async fn the_hub_caches_of_all_topics_stay_within_their_bound_and_keep_the_newest_events() {
+    const BOUND: usize = 64 * 1024;
+    let app = TestApp::spawn(Engines::Embedded, |s| s.hub_cache_bytes = BOUND).await;
+    let hub = &app.ctx.hub;
+    let topics: Vec<Topic> = (0..20)
+        .map(|i| Topic::parse(&format!("cached{i}")).unwrap())
+        .collect();
+    let mut interest = Vec::new();
+    for topic in &topics {
+        interest.push(hub.subscribe(topic).await.unwrap());
+    }
+    // 100 events of about 1 KB per topic: unbounded, the caches would hold
+    // all 2,000 (about 9 MB as counted).
+    for topic in &topics {
+        app.publish_padded(topic.as_str(), 1, 1000).await;
+    }
+    for topic in &topics {
+        let (got, _) = app.poll(topic.as_str(), 99, 10).await;
+        assert_eq!(got, [100], "the hub has handed on all of {topic}");
+    }
+    let held = app.ctx.metrics.hub_cache_bytes.get();
+    assert!(
+        held > 0 && held as usize <= BOUND,
+        "the caches hold {held} bytes, bound {BOUND}"
+    );
+    // Nothing is lost: what the caches gave up comes from the store.
+    for topic in &topics {
+        let (got, _) = app.poll(topic.as_str(), 0, 0).await;
+        assert_eq!(got, (1..=100).collect::<Vec<u64>>(), "all of {topic}");
+    }
+    // The newest events stay cached.
+    let from_cache = || {
+        app.ctx
+            .metrics
+            .hub_reads
+            .with_label_values(&["cache"])
+            .get()
+    };
+    let before = from_cache();
+    let read = hub.read(&topics[19], 99, 10).await.unwrap();
+    assert_eq!(read.events.len(), 1);
+    assert_eq!(read.events[0].seq(), 100);
+    assert_eq!(
+        from_cache(),
+        before + 1,
+        "the newest event came from the cache"
+    );
+    drop(interest);
+}
