@@ -43,15 +43,6 @@ pub fn nats_url() -> String {
     std::env::var("RT_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-/// Every service's routes, as the all-in-one `realtime` binary mounts them.
-pub fn routes_all() -> rt_core::server::Routes {
-    rt_publisher::routes()
-        .merge(rt_poll_api::routes())
-        .merge(rt_sse_edge::routes())
-        .merge(rt_ws_edge::routes())
-        .merge(rt_push_dispatcher::routes())
-}
-
 /// A subject prefix no other test uses.
 pub fn unique_prefix() -> String {
     format!("t{}", uuid::Uuid::new_v4().simple())
@@ -232,7 +223,7 @@ impl TestApp {
         db: Option<TestDb>,
         dir: Option<TempDir>,
     ) -> TestApp {
-        let app = Application::build(ctx.clone(), routes_all()).expect("bind");
+        let app = Application::build(ctx.clone(), realtime::routes()).expect("bind");
         let base = format!("http://127.0.0.1:{}", app.port());
         let handle = app.stop_handle();
         tokio::spawn(app.run_until_stopped());

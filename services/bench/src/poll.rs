@@ -123,7 +123,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         ..Settings::default()
     };
     let ctx = Context::connect(settings).await?;
-    let app = Application::build(ctx, rt_tests::routes_all())?;
+    let app = Application::build(ctx, realtime::routes())?;
     let base = format!("http://127.0.0.1:{}", app.port());
     let handle = app.stop_handle();
     tokio::spawn(app.run_until_stopped());

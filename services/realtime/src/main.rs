@@ -17,14 +17,6 @@ struct Args {
     settings: Settings,
 }
 
-fn routes() -> rt_core::server::Routes {
-    rt_publisher::routes()
-        .merge(rt_poll_api::routes())
-        .merge(rt_sse_edge::routes())
-        .merge(rt_ws_edge::routes())
-        .merge(rt_push_dispatcher::routes())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -32,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     rt_core::server::run_service_with(
         "realtime",
         args.settings,
-        routes(),
+        realtime::routes(),
         vec![rt_push_dispatcher::worker()],
     )
     .await
