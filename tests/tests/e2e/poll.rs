@@ -382,3 +382,22 @@ async fn the_hub_caches_of_all_topics_stay_within_their_bound_and_keep_the_newes
     );
     drop(interest);
 }
+
+#[tokio::test]
+async fn a_zero_hub_cache_bound_turns_the_cache_off_and_reads_come_from_the_store() {
+    let app = TestApp::spawn(Engines::Embedded, |s| s.hub_cache_bytes = 0).await;
+    let topic = Topic::parse("uncached").unwrap();
+    let interest = app.ctx.hub.subscribe(&topic).await.unwrap();
+    for i in 0..3 {
+        app.publish_ok("uncached", json!(i)).await;
+    }
+    let (got, _) = app.poll("uncached", 2, 10).await;
+    assert_eq!(got, [3]);
+    assert_eq!(app.ctx.metrics.hub_cache_bytes.get(), 0);
+    let reads = |source: &str| app.ctx.metrics.hub_reads.with_label_values(&[source]).get();
+    let (cache, store) = (reads("cache"), reads("store"));
+    let (got, _) = app.poll("uncached", 0, 0).await;
+    assert_eq!(got, [1, 2, 3]);
+    assert_eq!((reads("cache"), reads("store")), (cache, store + 1));
+    drop(interest);
+}
