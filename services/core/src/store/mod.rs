@@ -11,6 +11,7 @@ use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::Row;
 
 use crate::event::{Event, NewEvent, Position, PushOptions, Topic};
 
@@ -449,6 +450,56 @@ fn event_from_row(
         event_type,
         data,
         time,
+    })
+}
+
+/// A claimed push delivery from its row, its columns in the order both
+/// stores select them: id, subscription, topic, seq, attempts, notice, host,
+/// endpoint, p256dh, auth, notice-only, then the event's type, data and time
+/// (all null once retention removed it) and its push options. The two
+/// columns whose stored types differ come read: `attempts`, and `time`
+/// (read only when the event is there).
+fn claimed_from_row<R>(
+    row: &R,
+    attempts: u32,
+    time: impl FnOnce(&R) -> DateTime<Utc>,
+) -> Result<ClaimedDelivery, StoreError>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let topic = Topic::parse(row.get::<&str, _>(2))
+        .map_err(|e| StoreError::Corrupt(format!("push delivery topic: {e}")))?;
+    let seq: i64 = row.get(3);
+    let event = match row.get::<Option<String>, _>(11) {
+        Some(event_type) => Some(event_from_row(
+            &topic,
+            seq,
+            event_type,
+            row.get(12),
+            time(row),
+        )?),
+        None => None,
+    };
+    let push = push_options_from(&topic, seq, row.get::<Option<&str>, _>(14))?;
+    Ok(ClaimedDelivery {
+        id: row.get(0),
+        subscription_id: row.get(1),
+        seq: seq as u64,
+        attempts,
+        notice: row.get(5),
+        host: row.get(6),
+        endpoint: row.get(7),
+        p256dh: row.get(8),
+        auth: row.get(9),
+        notice_only: row.get(10),
+        event,
+        push,
+        topic,
     })
 }
 

@@ -12,8 +12,8 @@ use sqlx::{
 use super::{
     Appended, ClaimRequest, ClaimedDelivery, CursorRecord, DeliveryOutcome, DeliveryRecord,
     DeliveryReport, DeliveryState, FanOut, NewPushSubscription, PushSubscriptionRecord, PushUpsert,
-    ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, cursor_from_row,
-    endpoint_host, event_from_row, join_topics, push_options_from, push_topics_from,
+    ReadResult, Retention, Store, StoreError, TopicHead, assign_seqs, claimed_from_row,
+    cursor_from_row, endpoint_host, event_from_row, join_topics, push_topics_from,
     sorted_push_topics, sorted_topics,
 };
 use crate::event::{NewEvent, Position, PushOptions, Topic};
@@ -673,37 +673,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|row| {
-                let topic = Topic::parse(row.get::<&str, _>(2))
-                    .map_err(|e| StoreError::Corrupt(format!("push delivery topic: {e}")))?;
-                let seq: i64 = row.get(3);
-                let event = match row.get::<Option<String>, _>(11) {
-                    Some(event_type) => Some(event_from_row(
-                        &topic,
-                        seq,
-                        event_type,
-                        row.get(12),
-                        row.get(13),
-                    )?),
-                    None => None,
-                };
-                let push = push_options_from(&topic, seq, row.get::<Option<&str>, _>(14))?;
-                Ok(ClaimedDelivery {
-                    id: row.get(0),
-                    subscription_id: row.get(1),
-                    seq: seq as u64,
-                    attempts: row.get::<i32, _>(4) as u32,
-                    notice: row.get(5),
-                    host: row.get(6),
-                    endpoint: row.get(7),
-                    p256dh: row.get(8),
-                    auth: row.get(9),
-                    notice_only: row.get(10),
-                    event,
-                    push,
-                    topic,
-                })
-            })
+            .map(|row| claimed_from_row(&row, row.get::<i32, _>(4) as u32, |row| row.get(13)))
             .collect()
     }
 
