@@ -24,7 +24,6 @@
 //! both paths answer alike.
 
 use std::{
-    convert::Infallible,
     fmt::Write as _,
     future::poll_fn,
     io,
@@ -46,7 +45,7 @@ use actix_web::{
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{
-    Stream, StreamExt as _,
+    Stream,
     future::LocalBoxFuture,
     stream::{BoxStream, LocalBoxStream},
 };
@@ -229,13 +228,11 @@ impl Front {
             let (mut read, mut write) = io.into_split();
             match body {
                 Body::Stream(body) => {
-                    let body = body.map(Ok::<_, Infallible>);
                     drive(&mut write, Some(&mut read), body, start, true).await;
                 }
                 Body::Upgrade(open) => {
                     let body = open(Inbound::Socket(Box::pin(SocketStream(read))));
-                    let body = body.map(Ok::<_, Infallible>);
-                    drive::<_, OwnedReadHalf, _, _>(&mut write, None, body, start, false).await;
+                    drive::<_, OwnedReadHalf, _>(&mut write, None, body, start, false).await;
                 }
             }
         };
@@ -359,7 +356,7 @@ fn response_head(response: &HttpResponse<()>, chunked: bool) -> BytesMut {
 /// Writes `start`, then the body as it comes (chunk-encoded when
 /// `chunked`), until the body ends, a write fails, or `watch` (the client's
 /// side, when nothing else reads it) reaches its end.
-async fn drive<W, R, B, E>(
+async fn drive<W, R, B>(
     write: &mut W,
     mut watch: Option<&mut R>,
     body: B,
@@ -368,7 +365,7 @@ async fn drive<W, R, B, E>(
 ) where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
-    B: Stream<Item = Result<Bytes, E>> + Unpin,
+    B: Stream<Item = Bytes> + Unpin,
 {
     let mut body = Some(body);
     let mut out = start;
@@ -384,10 +381,7 @@ async fn drive<W, R, B, E>(
                 && let Some(b) = body.as_mut()
             {
                 match Pin::new(b).poll_next(cx) {
-                    Poll::Ready(Some(Ok(chunk))) => put_chunk(&mut out, &chunk, chunked),
-                    // As actix-http does: no last chunk, so the client can
-                    // tell the body was cut.
-                    Poll::Ready(Some(Err(_))) => return Poll::Ready(false),
+                    Poll::Ready(Some(chunk)) => put_chunk(&mut out, &chunk, chunked),
                     Poll::Ready(None) => {
                         body = None;
                         if chunked {
@@ -533,10 +527,10 @@ mod tests {
         assert!(matches!(parsed(&req), Parsed::Other));
     }
 
-    fn body(chunks: &[&'static str]) -> impl Stream<Item = Result<Bytes, Infallible>> + Unpin {
-        let items: Vec<Result<Bytes, Infallible>> = chunks
+    fn body(chunks: &[&'static str]) -> impl Stream<Item = Bytes> + Unpin {
+        let items: Vec<Bytes> = chunks
             .iter()
-            .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+            .map(|c| Bytes::from_static(c.as_bytes()))
             .collect();
         futures_util::stream::iter(items)
     }
@@ -569,7 +563,7 @@ mod tests {
     async fn a_stream_ends_when_the_client_leaves() {
         let (mut server, mut client) = duplex(1024);
         let (mut read, mut write) = tokio::io::split(&mut server);
-        let pending = futures_util::stream::pending::<Result<Bytes, Infallible>>();
+        let pending = futures_util::stream::pending::<Bytes>();
         let writing = drive(
             &mut write,
             Some(&mut read),
@@ -593,7 +587,7 @@ mod tests {
     #[tokio::test]
     async fn an_upgraded_body_is_written_as_is() {
         let (mut server, mut client) = duplex(64);
-        let writing = drive::<_, tokio::io::DuplexStream, _, _>(
+        let writing = drive::<_, tokio::io::DuplexStream, _>(
             &mut server,
             None,
             body(&["\u{81}\u{2}hi", "\u{88}\u{0}"]),
