@@ -24,6 +24,7 @@
 //! both paths answer alike.
 
 use std::{
+    convert::Infallible,
     fmt::Write as _,
     future::poll_fn,
     io,
@@ -36,6 +37,7 @@ use std::{
 
 use actix_web::{
     HttpResponse,
+    body::{BodyStream, BoxBody},
     dev::{RequestHead, Service},
     error::PayloadError,
     http::{
@@ -45,7 +47,7 @@ use actix_web::{
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{
-    Stream,
+    Stream, StreamExt as _,
     future::LocalBoxFuture,
     stream::{BoxStream, LocalBoxStream},
 };
@@ -79,6 +81,13 @@ pub type Opener = Box<dyn FnOnce(Inbound) -> SendBody + Send>;
 /// stream on the main runtime, whose threads share the work, rather than on
 /// the HTTP worker that accepted its connection.
 pub type SendBody = BoxStream<'static, Bytes>;
+
+/// A route's response of `head` and `body` as actix-web serves it, for the
+/// requests the front hands over.
+pub fn actix_response(head: HttpResponse<()>, body: SendBody) -> HttpResponse {
+    let body = BodyStream::new(body.map(Ok::<_, Infallible>));
+    head.set_body(BoxBody::new(body))
+}
 
 /// Admits a stream request from its head: the response, or the error actix
 /// will answer (the same function runs again there).

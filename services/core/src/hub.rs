@@ -240,19 +240,20 @@ impl Hub {
         metrics: Arc<Metrics>,
         config: HubConfig,
     ) -> Hub {
+        let cache = Arc::new(CacheBudget {
+            bytes: AtomicUsize::new(0),
+            limit: config.cache_bytes,
+            trimming: AtomicBool::new(false),
+            metrics: metrics.clone(),
+        });
         let inner = Arc::new(Inner {
             store,
             bus,
-            metrics: metrics.clone(),
+            metrics,
             runtime: tokio::runtime::Handle::current(),
             topics: Mutex::new(HashMap::new()),
             readers: tokio::sync::Semaphore::new(config.store_readers),
-            cache: Arc::new(CacheBudget {
-                bytes: AtomicUsize::new(0),
-                limit: config.cache_bytes,
-                trimming: AtomicBool::new(false),
-                metrics: metrics.clone(),
-            }),
+            cache,
             config,
         });
         inner

@@ -27,22 +27,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use std::convert::Infallible;
-
-use actix_web::{
-    HttpRequest, HttpResponse,
-    body::{BodyStream, BoxBody},
-    dev::RequestHead,
-    http::header,
-    web,
-};
+use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{StreamExt as _, future::LocalBoxFuture, stream};
 use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
     event::parse_seq,
-    front::{Accepted, SendBody, StreamRoute},
+    front::{self, Accepted, SendBody, StreamRoute},
     gate::Pass,
     hub::{Delivery, Follower, Framing, HubError, SharedEvent},
     metrics::Metrics,
@@ -87,8 +79,7 @@ fn admit<'a>(
 
 async fn open_stream(ctx: web::Data<Context>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let (response, body) = open(&ctx, req.head()).await?;
-    let body = BodyStream::new(body.map(Ok::<_, Infallible>));
-    Ok(response.set_body(BoxBody::new(body)))
+    Ok(front::actix_response(response, body))
 }
 
 /// `GET /v1/sse?topic=a&topic=b[&after=...]`, resuming from `Last-Event-ID`:

@@ -29,14 +29,11 @@ mod outbox;
 mod reader;
 mod wire;
 
-use actix_http::body::{BodyStream, BoxBody};
 use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
-use std::convert::Infallible;
-
 use futures_util::{StreamExt as _, future::LocalBoxFuture};
 use rt_core::{
     ApiError, Context,
-    front::{Accepted, Inbound, Opener, StreamRoute},
+    front::{self, Accepted, Inbound, Opener, StreamRoute},
     server::Routes,
 };
 
@@ -117,8 +114,8 @@ async fn upgrade(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (response, open) = accept(&ctx, req.head())?;
-    let body = open(Inbound::Payload(Box::pin(body))).map(Ok::<_, Infallible>);
-    Ok(response.set_body(BoxBody::new(BodyStream::new(body))))
+    let body = open(Inbound::Payload(Box::pin(body)));
+    Ok(front::actix_response(response, body))
 }
 
 /// Checks an upgrade request: the `101` answer, and what serves the socket
