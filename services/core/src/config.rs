@@ -192,6 +192,14 @@ pub struct Settings {
     #[arg(long, env = "RT_TCP_SEND_BUFFER")]
     pub tcp_send_buffer: Option<usize>,
 
+    /// Send each write at once (TCP_NODELAY) instead of holding small
+    /// segments until the client acknowledges the last one (Nagle's
+    /// algorithm), which can add a round trip (or a delayed ACK, up to
+    /// 40 ms) to an event that follows another closely. Streams already
+    /// gather what is ready into one write.
+    #[arg(long, env = "RT_TCP_NODELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_nodelay: bool,
+
     /// Serve SSE streams and WebSocket upgrades that open a connection on
     /// the socket directly, without the HTTP server's per-connection buffers
     /// (about 11 KiB less per idle stream); `false` sends every request
@@ -327,6 +335,7 @@ impl Default for Settings {
             ws_publish_rate: 100,
             tcp_user_timeout: Duration::from_secs(30),
             tcp_send_buffer: None,
+            tcp_nodelay: true,
             direct_streams: true,
             http_workers: None,
             shutdown_timeout: Duration::from_secs(10),
