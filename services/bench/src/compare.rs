@@ -4,7 +4,8 @@
 //! count, one child after the other (never at once: client and server already
 //! share the machine's cores): `rt-bench raw`, then `rt-bench sse`, then
 //! `rt-bench ws`, each with `--connections N --runs R --quiet` (and
-//! `--nats-url` / `--database-url` for the two edges when given). It reads the
+//! `--nats-url` / `--database-url` / `--distributed` for the two edges when
+//! given; the ceiling runs the same either way). It reads the
 //! JSON lines the children print (other lines are skipped), and reports every
 //! edge figure next to the ceiling's from the same invocation, and as a ratio
 //! of it, against the project's targets:
@@ -28,6 +29,7 @@ use anyhow::Context as _;
 use serde_json::{Map, Value, json};
 
 use crate::plot::{self, Series};
+use crate::server::{check_distributed, deployment_name};
 
 /// Lines of a child's stderr kept for an error message.
 const STDERR_TAIL: usize = 20;
@@ -60,7 +62,12 @@ pub(crate) struct Args {
     /// NATS URL for the edges under test (sse, ws); without it, their
     /// in-process bus.
     #[arg(long, env = "RT_BENCH_NATS_URL")]
-    nats_url: Option<String>,
+    pub(crate) nats_url: Option<String>,
+    /// Run the edges distributed (passed to sse and ws; needs --nats-url):
+    /// the `publisher` and the edge as two processes, memory and server CPU
+    /// the edge's. The raw ceiling runs the same either way.
+    #[arg(long)]
+    distributed: bool,
     /// Postgres server for the edges (sse, ws); without it, theirs by default.
     #[arg(long)]
     database_url: Option<String>,
@@ -89,6 +96,10 @@ struct Figures {
     server_cpu_secs: f64,
     bench_cpu_secs: f64,
     peak_rss_bytes: f64,
+    /// CPU seconds of the publisher process in the latency and saturation
+    /// scenarios (edges run distributed only).
+    latency_publisher_cpu_secs: Option<f64>,
+    burst_publisher_cpu_secs: Option<f64>,
     /// Wall-clock time of the child process.
     elapsed_secs: f64,
 }
@@ -112,6 +123,8 @@ impl Figures {
             "burst_server_cpu_secs": r3(self.server_cpu_secs),
             "burst_bench_cpu_secs": r3(self.bench_cpu_secs),
             "peak_rss_bytes": self.peak_rss_bytes.round() as u64,
+            "latency_publisher_cpu_secs": self.latency_publisher_cpu_secs.map(r3),
+            "burst_publisher_cpu_secs": self.burst_publisher_cpu_secs.map(r3),
             "elapsed_secs": r3(self.elapsed_secs),
         })
     }
@@ -152,6 +165,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    check_distributed(args.distributed, args.nats_url.as_deref())?;
     let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
     let bus = if args.nats_url.is_some() {
         "nats"
@@ -175,7 +189,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             let output =
                 tokio::task::spawn_blocking(move || run_child(&exe, technique, &child_args, quiet))
                     .await??;
-            *slot = figures_of(&output, technique, n)?;
+            // The edges must have run as asked; the ceiling has no deployment.
+            let deployment = (technique != "raw").then(|| deployment_name(args.distributed));
+            *slot = figures_of(&output, technique, n, deployment)?;
             if !args.quiet {
                 eprintln!(
                     "compare: {n} connections: {technique} done in {:.1} s \
@@ -231,8 +247,9 @@ fn plot(
     plot::lines(
         &latency_path,
         &format!(
-            "publish -> receive latency at {} events/s ({bus} bus)",
-            args.rate
+            "publish -> receive latency at {} events/s ({}, {bus} bus)",
+            args.rate,
+            deployment_name(args.distributed)
         ),
         "connections on one topic",
         "ms",
@@ -241,7 +258,10 @@ fn plot(
     let deliveries_path = dir.join("deliveries.svg");
     plot::lines(
         &deliveries_path,
-        &format!("burst deliveries per second ({bus} bus)"),
+        &format!(
+            "burst deliveries per second ({}, {bus} bus)",
+            deployment_name(args.distributed)
+        ),
         "connections on one topic",
         "deliveries/s",
         &deliveries,
@@ -272,6 +292,9 @@ fn child_args(args: &Args, technique: &str, n: usize) -> Vec<String> {
         }
         if let Some(url) = &args.database_url {
             out.extend(["--database-url".to_owned(), url.clone()]);
+        }
+        if args.distributed {
+            out.push("--distributed".to_owned());
         }
     }
     out
@@ -374,8 +397,14 @@ fn indent(lines: &[String]) -> String {
         .join("\n")
 }
 
-/// The figures of `technique` at `n` connections in a child's output.
-fn figures_of(output: &ChildOutput, technique: &str, n: usize) -> anyhow::Result<Figures> {
+/// The figures of `technique` at `n` connections in a child's output, which
+/// must say it ran as `deployment` when one is given.
+fn figures_of(
+    output: &ChildOutput,
+    technique: &str,
+    n: usize,
+    deployment: Option<&str>,
+) -> anyhow::Result<Figures> {
     let find = |what: &str| -> anyhow::Result<&Map<String, Value>> {
         let name = format!("{what}, {n} connections");
         output
@@ -394,6 +423,9 @@ fn figures_of(output: &ChildOutput, technique: &str, n: usize) -> anyhow::Result
                 )
             })
     };
+    // Null or absent for the ceiling and the all-in-one edges.
+    let publisher_cpu =
+        |o: &Map<String, Value>| o.get("publisher_cpu_secs").and_then(Value::as_f64);
     let number = |o: &Map<String, Value>, key: &str| -> anyhow::Result<f64> {
         o.get(key).and_then(Value::as_f64).with_context(|| {
             format!(
@@ -404,6 +436,15 @@ fn figures_of(output: &ChildOutput, technique: &str, n: usize) -> anyhow::Result
         })
     };
     let (idle, latency, burst) = (find("idle memory")?, find("latency")?, find("saturation")?);
+    if let Some(deployment) = deployment {
+        let ran = idle.get("deployment").and_then(Value::as_str);
+        anyhow::ensure!(
+            ran == Some(deployment),
+            "`{}` ran {} where {deployment} was asked for",
+            output.command,
+            ran.unwrap_or("with no deployment named")
+        );
+    }
     Ok(Figures {
         bytes_per_conn: number(idle, "bytes_per_connection")?,
         p50_ms: number(latency, "p50_ms")?,
@@ -417,6 +458,8 @@ fn figures_of(output: &ChildOutput, technique: &str, n: usize) -> anyhow::Result
         server_cpu_secs: number(burst, "server_cpu_secs")?,
         bench_cpu_secs: number(burst, "bench_cpu_secs")?,
         peak_rss_bytes: number(burst, "peak_rss_bytes")?,
+        latency_publisher_cpu_secs: publisher_cpu(latency),
+        burst_publisher_cpu_secs: publisher_cpu(burst),
         elapsed_secs: output.elapsed_secs,
     })
 }
@@ -497,19 +540,32 @@ fn thousands(v: f64) -> String {
 fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
     let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
     let order = TECHNIQUES.join(", ");
+    let deployment = deployment_name(args.distributed);
     println!(
         "\nEdges against the raw ceiling: each scenario in a child process of its own, \
-         one after the other (order: {order}), {} run{} each (median), edges on the {bus} bus, \
+         one after the other (order: {order}), {} run{} each (median), edges {} on the {bus} bus, \
          latency at {} events/s",
         args.runs,
         if args.runs == 1 { "" } else { "s" },
+        if args.distributed {
+            "distributed (publisher and edge in processes of their own; \
+             memory and server CPU the edge's)"
+        } else {
+            "all-in-one"
+        },
         args.rate
     );
+    // The publisher's CPU, when the edges have one of their own.
+    let publisher_head = if args.distributed {
+        format!(" {:>24}", "burst publisher CPU s")
+    } else {
+        String::new()
+    };
     for (n, figures) in reports {
         let n = *n;
         println!("\n{n} connections: absolute figures");
         println!(
-            "{:<10} {:>14} {:>8} {:>8} {:>14} {:>20} {:>19} {:>8}",
+            "{:<10} {:>14} {:>8} {:>8} {:>14} {:>20} {:>19} {:>8}{publisher_head}",
             "technique",
             "KiB/idle conn",
             "p50 ms",
@@ -520,8 +576,13 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
             "wall s"
         );
         for (technique, f) in TECHNIQUES.iter().zip(figures) {
+            let publisher = match (args.distributed, f.burst_publisher_cpu_secs) {
+                (false, _) => String::new(),
+                (true, None) => format!(" {:>24}", "-"),
+                (true, Some(secs)) => format!(" {secs:>24.2}"),
+            };
             println!(
-                "{technique:<10} {:>14.2} {:>8.2} {:>8.2} {:>14} {:>20.2} {:>19.2} {:>8.1}",
+                "{technique:<10} {:>14.2} {:>8.2} {:>8.2} {:>14} {:>20.2} {:>19.2} {:>8.1}{publisher}",
                 f.kib(),
                 f.p50_ms,
                 f.p99_ms,
@@ -594,6 +655,7 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
         let line = json!({
             "scenario": "compare", "name": format!("compare, {n} connections"),
             "connections": n, "runs": args.runs, "rate": args.rate, "bus": bus,
+            "deployment": deployment,
             "order": TECHNIQUES,
             "raw": raw.to_json(), "sse": sse.to_json(), "ws": ws.to_json(),
             "ratios": ratios, "targets": targets,
@@ -630,12 +692,83 @@ mod tests {
                 .collect(),
             elapsed_secs: 1.0,
         };
-        let f = figures_of(&output, "raw", 10).unwrap_or_default();
+        let f = figures_of(&output, "raw", 10, None).unwrap_or_default();
         assert!((f.kib() - 2.0).abs() < 1e-9);
         assert!((f.p99_ms - 3.0).abs() < 1e-9);
         assert!((f.deliveries_per_sec - 1000.0).abs() < 1e-9);
-        assert!(figures_of(&output, "raw", 11).is_err());
-        assert!(figures_of(&output, "sse", 10).is_err());
+        assert_eq!(f.burst_publisher_cpu_secs, None);
+        assert!(figures_of(&output, "raw", 11, None).is_err());
+        assert!(figures_of(&output, "sse", 10, None).is_err());
+    }
+
+    #[test]
+    fn an_edge_must_have_run_as_asked_and_its_publisher_cpu_is_read() {
+        let lines = [
+            r#"{"scenario":"sse","name":"idle memory, 10 connections","bytes_per_connection":2048,"deployment":"distributed"}"#,
+            r#"{"scenario":"sse","name":"latency, 10 connections","p50_ms":1.5,"p99_ms":3.0,"p999_ms":3.5,"max_ms":4.0,"server_cpu_secs":0.1,"bench_cpu_secs":0.2,"publisher_cpu_secs":0.25}"#,
+            r#"{"scenario":"sse","name":"saturation, 10 connections","deliveries_per_sec":1000,"secs":2.0,"server_cpu_secs":0.3,"bench_cpu_secs":0.4,"peak_rss_bytes":1048576,"publisher_cpu_secs":0.5}"#,
+        ];
+        let output = ChildOutput {
+            command: "rt-bench sse".to_owned(),
+            objects: lines
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            elapsed_secs: 1.0,
+        };
+        let f = figures_of(&output, "sse", 10, Some("distributed")).unwrap_or_default();
+        assert_eq!(f.latency_publisher_cpu_secs, Some(0.25));
+        assert_eq!(f.burst_publisher_cpu_secs, Some(0.5));
+        let err = figures_of(&output, "sse", 10, Some("all-in-one"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("ran distributed where all-in-one"), "{err}");
+    }
+
+    fn parse(argv: &[&str]) -> Args {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        use clap::Parser as _;
+        Cli::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .args
+    }
+
+    #[test]
+    fn distributed_is_passed_to_the_edges_and_not_to_the_ceiling() {
+        let args = parse(&[
+            "compare",
+            "--distributed",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+        ]);
+        for edge in ["sse", "ws"] {
+            let child = child_args(&args, edge, 1000);
+            assert_eq!(child[0], edge);
+            assert!(child.iter().any(|a| a == "--distributed"), "{child:?}");
+            let nats = child.iter().position(|a| a == "--nats-url");
+            assert_eq!(
+                nats.and_then(|i| child.get(i + 1)).map(String::as_str),
+                Some("nats://127.0.0.1:4222"),
+                "{child:?}"
+            );
+        }
+        let raw = child_args(&args, "raw", 1000);
+        assert!(
+            !raw.iter()
+                .any(|a| a == "--distributed" || a == "--nats-url"),
+            "{raw:?}"
+        );
+        let args = parse(&["compare", "--nats-url", "nats://127.0.0.1:4222"]);
+        assert!(
+            !child_args(&args, "sse", 1000)
+                .iter()
+                .any(|a| a == "--distributed")
+        );
     }
 
     #[test]

@@ -21,6 +21,11 @@
 //! exactly once and in order), deliveries per second under a burst, and the
 //! latency from a publish sent over a WebSocket to its ack.
 //!
+//! With `--distributed` (and `--nats-url`), `sse` and `ws` run the services
+//! as deployments do instead: the `publisher` and the edge (`sse-edge`,
+//! `ws-edge`) as two processes over NATS, the clients on the edge and the
+//! HTTP publishes to the publisher; the memory and server CPU are the edge's.
+//!
 //! `rt-bench push` measures Web Push delivery: 10,000 push subscriptions on
 //! one topic, registered over HTTP, then a few events published to it; the
 //! dispatcher (in this process, over a fresh Postgres database) delivers
@@ -96,7 +101,11 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().scenario {
+    run(Cli::parse().scenario).await
+}
+
+async fn run(scenario: Scenario) -> anyhow::Result<()> {
+    match scenario {
         Scenario::Publish(args) => publish::run(args).await,
         Scenario::Poll(args) => poll::run(args).await,
         Scenario::Push(args) => push::run(args).await,
@@ -105,5 +114,66 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Raw(args) => raw::run(args).await,
         Scenario::RawServer(args) => raw::serve(args).await,
         Scenario::Compare(args) => compare::run(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn only_the_edge_scenarios_take_distributed() {
+        let nats = ["--distributed", "--nats-url", "nats://127.0.0.1:4222"];
+        for scenario in ["sse", "ws", "compare"] {
+            let argv = [&["rt-bench", scenario][..], &nats[..]].concat();
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("rt-bench {scenario} --distributed: {e}");
+            }
+        }
+        for scenario in ["publish", "poll", "push", "raw"] {
+            let kind = Cli::try_parse_from(["rt-bench", scenario, "--distributed"])
+                .err()
+                .map(|e| e.kind());
+            assert_eq!(
+                kind,
+                Some(clap::error::ErrorKind::UnknownArgument),
+                "rt-bench {scenario} --distributed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn distributed_without_nats_is_refused_before_anything_starts() {
+        for name in ["sse", "ws", "compare"] {
+            let cli =
+                Cli::try_parse_from(["rt-bench", name, "--distributed", "--connections", "1"]);
+            let mut scenario = cli.unwrap_or_else(|e| panic!("{e}")).scenario;
+            // Whatever RT_BENCH_NATS_URL holds.
+            match &mut scenario {
+                Scenario::Sse(args) => args.deploy.services.nats_url = None,
+                Scenario::Ws(args) => args.deploy.services.nats_url = None,
+                Scenario::Compare(args) => args.nats_url = None,
+                _ => panic!("rt-bench {name} parsed as another scenario"),
+            }
+            let err = tokio::time::timeout(Duration::from_secs(10), run(scenario))
+                .await
+                .unwrap_or_else(|_| panic!("rt-bench {name} was not refused at once"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("--distributed needs --nats-url"),
+                "rt-bench {name}: {err:?}"
+            );
+        }
     }
 }

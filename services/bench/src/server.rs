@@ -2,8 +2,12 @@
 //!
 //! The all-in-one `realtime` binary runs as a process of its own, next to
 //! `rt-bench`, so that its memory and CPU time are read from `/proc` apart
-//! from the bench's. The scenarios (`sse`, `ws`) publish to it over HTTP
-//! with the same helpers, and their clients report to the run the same way.
+//! from the bench's. With `--distributed`, a [`Deployment`] is two processes
+//! instead, over the same database and NATS: the `publisher`, which the HTTP
+//! publishes go to, and the edge (`sse-edge`, `ws-edge`), which the clients
+//! connect to and whose memory and CPU time are the server's. The scenarios
+//! (`sse`, `ws`) publish over HTTP with the same helpers, and their clients
+//! report to the run the same way.
 
 use std::{
     collections::VecDeque,
@@ -66,17 +70,30 @@ impl Drops {
     }
 }
 
-/// The `realtime` binary next to this one.
-pub(crate) fn server_binary() -> anyhow::Result<PathBuf> {
+/// How to build the all-in-one server next to rt-bench.
+const BUILD_ALL_IN_ONE: &str = "cargo build --release -p realtime";
+
+/// How to build the distributed services next to rt-bench.
+const BUILD_DISTRIBUTED: &str =
+    "cargo build --release -p rt-bench -p realtime -p rt-publisher -p rt-sse-edge -p rt-ws-edge";
+
+/// The directory of the rt-bench executable, where the servers it starts are.
+fn bench_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
-    let dir = exe
+    Ok(exe
         .parent()
-        .context("the rt-bench executable has no directory")?;
-    let binary = dir.join("realtime");
+        .context("the rt-bench executable has no directory")?
+        .to_owned())
+}
+
+/// The binary `name` in `dir`, or an error saying it is missing and that
+/// `build` builds it.
+fn binary_in(dir: &Path, name: &str, build: &str) -> anyhow::Result<PathBuf> {
+    let binary = dir.join(name);
     anyhow::ensure!(
         binary.is_file(),
-        "the server binary {} is missing: build it next to rt-bench with \
-         `cargo build --release -p realtime` (`cargo build -p realtime` for a debug rt-bench)",
+        "the server binary {} is missing: build it next to rt-bench with `{build}` \
+         (without --release for a debug rt-bench)",
         binary.display()
     );
     Ok(binary)
@@ -320,9 +337,10 @@ pub(crate) fn cpu_secs(stat: &str) -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
-/// The server under test: the `realtime` binary as a child process, killed
-/// when dropped. Mirrors `rt_tests::ServiceProcess`, keeping the pid for
-/// `/proc` and the last lines it logged for failure messages.
+/// A server under test (the `realtime` binary, a service's, the raw
+/// ceiling's) as a child process, killed when dropped. Mirrors
+/// `rt_tests::ServiceProcess`, keeping the pid for `/proc` and the last
+/// lines it logged for failure messages.
 pub(crate) struct Server {
     child: Child,
     base: String,
@@ -435,17 +453,20 @@ impl Server {
 
     /// `err`, followed by whether the server still runs and what it logged last.
     pub(crate) fn explain(&mut self, err: anyhow::Error) -> anyhow::Error {
+        anyhow::anyhow!("{err:#}\n  ({})", self.state_and_log("the server"))
+    }
+
+    /// Whether the server (`who`, for the message) still runs, and what it
+    /// logged last.
+    fn state_and_log(&mut self, who: &str) -> String {
         let state = match self.child.try_wait() {
-            Ok(None) => "the server is still running".to_owned(),
-            Ok(Some(status)) => format!("the server exited ({status})"),
-            Err(e) => format!("the server's state is unknown ({e})"),
+            Ok(None) => format!("{who} is still running"),
+            Ok(Some(status)) => format!("{who} exited ({status})"),
+            Err(e) => format!("the state of {who} is unknown ({e})"),
         };
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let tail: Vec<&str> = log.iter().map(String::as_str).collect();
-        anyhow::anyhow!(
-            "{err:#}\n  ({state}; its last log lines:\n    {})",
-            tail.join("\n    ")
-        )
+        format!("{state}; its last log lines:\n    {}", tail.join("\n    "))
     }
 }
 
@@ -488,6 +509,108 @@ mod tests {
             "12:00  INFO listening on http://127.0.0.1:1"
         );
     }
+
+    fn deploy(distributed: bool, nats_url: Option<&str>) -> DeployArgs {
+        DeployArgs {
+            services: Services {
+                database_url: "postgres://127.0.0.1/postgres".to_owned(),
+                nats_url: nats_url.map(str::to_owned),
+            },
+            distributed,
+        }
+    }
+
+    #[test]
+    fn distributed_needs_a_nats_url() {
+        let err = deploy(true, None)
+            .check()
+            .expect_err("refused without NATS");
+        assert!(
+            err.to_string().contains("--distributed needs --nats-url"),
+            "{err}"
+        );
+        assert!(deploy(true, Some("nats://127.0.0.1:4222")).check().is_ok());
+        assert!(deploy(false, None).check().is_ok());
+        assert!(check_distributed(true, None).is_err());
+    }
+
+    #[test]
+    fn distributed_is_a_flag_of_the_deploy_args() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            deploy: DeployArgs,
+        }
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(["t", "--distributed", "--nats-url", "nats://n:4222"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cli.deploy.distributed);
+        assert_eq!(cli.deploy.name(), "distributed");
+        assert!(
+            cli.deploy
+                .title("sse-edge")
+                .contains("publisher and sse-edge")
+        );
+        assert!(cli.deploy.title("sse-edge").contains("nats bus"));
+        let cli = Cli::try_parse_from(["t"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cli.deploy.distributed);
+        assert_eq!(cli.deploy.name(), "all-in-one");
+        assert!(cli.deploy.title("sse-edge").starts_with("all-in-one"));
+        assert_eq!(cli.deploy.publisher_cpu_head(), "");
+    }
+
+    #[test]
+    fn binaries_are_the_edge_and_the_publisher_when_distributed() {
+        let dir = std::env::temp_dir().join(format!("rt-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let nats = Some("nats://127.0.0.1:4222");
+        let missing = deploy(true, nats)
+            .binaries_in(&dir, "sse-edge")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(missing.contains("sse-edge is missing"), "{missing}");
+        assert!(missing.contains(BUILD_DISTRIBUTED), "{missing}");
+        for name in ["sse-edge", "publisher"] {
+            std::fs::write(dir.join(name), "").unwrap_or_else(|e| panic!("{e}"));
+        }
+        let found = deploy(true, nats).binaries_in(&dir, "sse-edge");
+        let all_in_one = deploy(false, None).binaries_in(&dir, "sse-edge");
+        let _ = std::fs::remove_dir_all(&dir);
+        let found = found.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found.edge, dir.join("sse-edge"));
+        assert_eq!(found.publisher, Some(dir.join("publisher")));
+        let missing = all_in_one.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(missing.contains("realtime is missing"), "{missing}");
+    }
+
+    #[test]
+    fn publisher_cpu_is_a_median_when_there_is_a_publisher() {
+        let runs = [
+            PublisherCpu {
+                latency_secs: Some(3.0),
+                burst_secs: Some(1.0),
+            },
+            PublisherCpu {
+                latency_secs: Some(1.0),
+                burst_secs: Some(2.0),
+            },
+            PublisherCpu {
+                latency_secs: Some(2.0),
+                burst_secs: Some(9.0),
+            },
+        ];
+        let m = PublisherCpu::medians(&runs, |p| p);
+        assert_eq!((m.latency_secs, m.burst_secs), (Some(2.0), Some(2.0)));
+        let none = PublisherCpu::medians(&[PublisherCpu::default()], |p| p);
+        assert_eq!((none.latency_secs, none.burst_secs), (None, None));
+        assert_eq!(PublisherCpu::cell(None), "");
+        assert_eq!(PublisherCpu::cell(Some(1.234)).trim(), "1.23");
+        let line = PublisherCpu::json(json!({"name": "x"}), Some(0.12345));
+        assert_eq!(line["publisher_cpu_secs"], json!(0.123));
+        let line = PublisherCpu::json(json!({"name": "x"}), None);
+        assert!(line["publisher_cpu_secs"].is_null());
+    }
 }
 
 /// Where the services under test keep their log and bus: the arguments every
@@ -507,20 +630,14 @@ pub(crate) struct Services {
 }
 
 impl Services {
-    /// Starts the server `binary` over `database_url` with `env` added, on
-    /// this bus (over NATS, under a subject prefix of its own), logging text.
-    pub(crate) async fn start(
-        &self,
-        binary: &Path,
-        database_url: &str,
-        env: &[(&'static str, String)],
-    ) -> anyhow::Result<Server> {
-        let mut env = [
-            &[("DATABASE_URL", database_url.to_owned())],
-            env,
-            &[("RT_LOG_FORMAT", "text".to_owned())],
-        ]
-        .concat();
+    /// The environment every server process of one run gets: `database_url`,
+    /// this bus (over NATS, under a subject prefix of its own, the same for
+    /// every process of the run), and text logs.
+    fn env(&self, database_url: &str) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("DATABASE_URL", database_url.to_owned()),
+            ("RT_LOG_FORMAT", "text".to_owned()),
+        ];
         if let Some(url) = &self.nats_url {
             env.push(("RT_NATS_URL", url.clone()));
             env.push((
@@ -528,8 +645,7 @@ impl Services {
                 format!("bench{}", uuid::Uuid::new_v4().simple()),
             ));
         }
-        let binary = binary.to_owned();
-        tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await?
+        env
     }
 
     /// The bus, as the reports name it.
@@ -539,6 +655,214 @@ impl Services {
         } else {
             "in-process"
         }
+    }
+}
+
+/// How the edge scenarios (`sse`, `ws`) run the services under test: where
+/// they keep their log and bus, and whether all in one process.
+#[derive(clap::Args)]
+pub(crate) struct DeployArgs {
+    #[command(flatten)]
+    pub(crate) services: Services,
+    /// Run the services distributed (needs --nats-url): the `publisher` and
+    /// the edge (`sse-edge`, `ws-edge`) as two processes over the same
+    /// database and NATS, instead of the all-in-one `realtime`. Clients
+    /// connect to the edge, HTTP publishes go to the publisher; memory and
+    /// server CPU are the edge's.
+    #[arg(long)]
+    pub(crate) distributed: bool,
+}
+
+/// Refuses `--distributed` without a NATS URL: the publisher reaches the
+/// edge over NATS only.
+pub(crate) fn check_distributed(distributed: bool, nats_url: Option<&str>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !distributed || nats_url.is_some(),
+        "--distributed needs --nats-url (or RT_BENCH_NATS_URL): the publisher and the edge \
+         are separate processes, and events reach the edge over NATS only"
+    );
+    Ok(())
+}
+
+/// How the reports name a deployment.
+pub(crate) fn deployment_name(distributed: bool) -> &'static str {
+    if distributed {
+        "distributed"
+    } else {
+        "all-in-one"
+    }
+}
+
+/// The binaries of a deployment, found next to rt-bench.
+pub(crate) struct Binaries {
+    /// The server the clients connect to: `realtime`, or the edge.
+    edge: PathBuf,
+    /// The `publisher`, when distributed.
+    publisher: Option<PathBuf>,
+}
+
+impl DeployArgs {
+    /// Refuses flags that do not go together.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        check_distributed(self.distributed, self.services.nats_url.as_deref())
+    }
+
+    /// The binaries to run, next to rt-bench: `realtime`, or the `publisher`
+    /// and `edge` (`sse-edge`, `ws-edge`) when distributed.
+    pub(crate) fn binaries(&self, edge: &str) -> anyhow::Result<Binaries> {
+        self.binaries_in(&bench_dir()?, edge)
+    }
+
+    fn binaries_in(&self, dir: &Path, edge: &str) -> anyhow::Result<Binaries> {
+        if !self.distributed {
+            return Ok(Binaries {
+                edge: binary_in(dir, "realtime", BUILD_ALL_IN_ONE)?,
+                publisher: None,
+            });
+        }
+        Ok(Binaries {
+            edge: binary_in(dir, edge, BUILD_DISTRIBUTED)?,
+            publisher: Some(binary_in(dir, "publisher", BUILD_DISTRIBUTED)?),
+        })
+    }
+
+    /// Starts `binaries` over `database_url`, on this bus, the edge (or the
+    /// all-in-one server) with `edge_env` added: when distributed, the
+    /// publisher first (it applies the database's migrations; the edge
+    /// would too, under a lock), then the edge, under the same NATS prefix.
+    pub(crate) async fn start(
+        &self,
+        binaries: &Binaries,
+        database_url: &str,
+        edge_env: &[(&'static str, String)],
+    ) -> anyhow::Result<Deployment> {
+        let env = self.services.env(database_url);
+        let publisher = match &binaries.publisher {
+            Some(binary) => Some(start_blocking(binary, env.clone()).await?),
+            None => None,
+        };
+        // The run's settings last: the scenario's cannot change its database,
+        // bus or log format.
+        let edge = start_blocking(&binaries.edge, [edge_env, env.as_slice()].concat()).await?;
+        Ok(Deployment {
+            edge,
+            edge_name: file_name(&binaries.edge),
+            publisher,
+        })
+    }
+
+    /// How the reports name the deployment.
+    pub(crate) fn name(&self) -> &'static str {
+        deployment_name(self.distributed)
+    }
+
+    /// The deployment and bus, for a report's title: `edge` is the edge
+    /// binary's name.
+    pub(crate) fn title(&self, edge: &str) -> String {
+        let bus = self.services.bus();
+        if self.distributed {
+            format!(
+                "distributed: publisher and {edge} in processes of their own ({bus} bus; \
+                 memory and server CPU are the {edge}'s)"
+            )
+        } else {
+            format!("all-in-one server in its own process ({bus} bus)")
+        }
+    }
+
+    /// The head of the publisher CPU column that ends the latency and
+    /// saturation tables when distributed (nothing when all-in-one).
+    pub(crate) fn publisher_cpu_head(&self) -> String {
+        if self.distributed {
+            format!(" {:>16}", "publisher CPU s")
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// [`Server::start`] on a blocking thread.
+async fn start_blocking(binary: &Path, env: Vec<(&'static str, String)>) -> anyhow::Result<Server> {
+    let binary = binary.to_owned();
+    tokio::task::spawn_blocking(move || Server::start(&binary, &env)).await?
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// The servers under test of one run: the all-in-one server, or the edge
+/// and the publisher. Killed when dropped.
+pub(crate) struct Deployment {
+    /// The server the clients connect to and whose memory and CPU are
+    /// measured: `realtime`, or the edge (`sse-edge`, `ws-edge`).
+    pub(crate) edge: Server,
+    /// Its binary's name, for failure messages.
+    edge_name: String,
+    /// The `publisher`, when distributed.
+    publisher: Option<Server>,
+}
+
+impl Deployment {
+    /// The server HTTP publishes go to: the publisher, or the all-in-one
+    /// server.
+    pub(crate) fn publish_to(&self) -> &Server {
+        self.publisher.as_ref().unwrap_or(&self.edge)
+    }
+
+    /// `err`, followed by whether each server still runs and what it logged
+    /// last.
+    pub(crate) fn explain(&mut self, err: anyhow::Error) -> anyhow::Error {
+        let Some(publisher) = &mut self.publisher else {
+            return self.edge.explain(err);
+        };
+        let edge = self.edge.state_and_log(&format!("the {}", self.edge_name));
+        anyhow::anyhow!(
+            "{err:#}\n  ({edge})\n  ({})",
+            publisher.state_and_log("the publisher")
+        )
+    }
+}
+
+/// CPU seconds the publisher process used in the latency and saturation
+/// scenarios; `None` when the server is all-in-one (its CPU includes the
+/// publishing).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct PublisherCpu {
+    pub(crate) latency_secs: Option<f64>,
+    pub(crate) burst_secs: Option<f64>,
+}
+
+impl PublisherCpu {
+    /// The median of each figure over the runs (`get` finds the figures in
+    /// a run's).
+    pub(crate) fn medians<R>(runs: &[R], get: fn(&R) -> &PublisherCpu) -> PublisherCpu {
+        let of = |field: fn(&PublisherCpu) -> Option<f64>| {
+            let some: Vec<f64> = runs.iter().filter_map(|r| field(get(r))).collect();
+            (!some.is_empty()).then(|| median(&some, |&v| v))
+        };
+        PublisherCpu {
+            latency_secs: of(|p| p.latency_secs),
+            burst_secs: of(|p| p.burst_secs),
+        }
+    }
+
+    /// A table cell of `secs`, under [`DeployArgs::publisher_cpu_head`]
+    /// (nothing when all-in-one).
+    pub(crate) fn cell(secs: Option<f64>) -> String {
+        secs.map_or_else(String::new, |s| format!(" {s:>16.2}"))
+    }
+
+    /// `line`, a JSON object, with `"publisher_cpu_secs": secs` (null when
+    /// all-in-one).
+    pub(crate) fn json(mut line: serde_json::Value, secs: Option<f64>) -> serde_json::Value {
+        if let Some(line) = line.as_object_mut() {
+            line.insert("publisher_cpu_secs".to_owned(), json!(secs.map(r3)));
+        }
+        line
     }
 }
 
@@ -737,6 +1061,39 @@ impl CpuMark {
             server.cpu_secs()? - self.server,
             cpu_secs("/proc/self/stat")? - self.bench,
         ))
+    }
+}
+
+/// The CPU time a deployment's edge, its publisher and the bench had used at
+/// the start of a scenario.
+pub(crate) struct DeploymentCpuMark {
+    edge: CpuMark,
+    publisher: Option<f64>,
+}
+
+impl DeploymentCpuMark {
+    pub(crate) fn now(deployment: &Deployment) -> anyhow::Result<DeploymentCpuMark> {
+        Ok(DeploymentCpuMark {
+            edge: CpuMark::now(&deployment.edge)?,
+            publisher: deployment
+                .publisher
+                .as_ref()
+                .map(Server::cpu_secs)
+                .transpose()?,
+        })
+    }
+
+    /// CPU seconds the edge (or all-in-one server) and the bench used since
+    /// the mark, and the publisher (`None` when all-in-one).
+    pub(crate) fn used(
+        &self,
+        deployment: &Deployment,
+    ) -> anyhow::Result<((f64, f64), Option<f64>)> {
+        let publisher = match (&deployment.publisher, self.publisher) {
+            (Some(server), Some(before)) => Some(server.cpu_secs()? - before),
+            _ => None,
+        };
+        Ok((self.edge.used(&deployment.edge)?, publisher))
     }
 }
 

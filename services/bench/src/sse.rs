@@ -1,10 +1,13 @@
 //! Server-Sent Events at scale: many streams on one topic, served by the
 //! all-in-one `realtime` binary running as a process of its own, so that its
-//! memory is measured apart from the bench's.
+//! memory is measured apart from the bench's; with `--distributed`, by the
+//! `sse-edge` binary, the events published to a `publisher` process of
+//! their own and carried to the edge over NATS.
 //!
 //! For every connection count (`--connections`, default 1,000 and 10,000) and
-//! every run, the bench starts a fresh server process over a database of its
-//! own (created and dropped by the bench), and on a fresh topic:
+//! every run, the bench starts a fresh server process (or two) over a
+//! database of its own (created and dropped by the bench), and on a fresh
+//! topic:
 //!
 //! 1. idle memory: reads the server's resident set (`VmRSS`), opens the
 //!    streams (at most `--open-concurrency` at a time, each checked for a 200
@@ -26,7 +29,6 @@
 //! server share the machine.
 
 use std::{
-    path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -38,17 +40,17 @@ use tokio::{
 };
 
 use crate::server::{
-    self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, Services, each_count,
-    ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib,
-    open_files_limit, print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
-    server_binary,
+    self, Binaries, Burst, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout, Firsts, Idle,
+    Msg, Outcome, PublisherCpu, each_count, ensure_all_ran, gather, gather_last_done,
+    gather_latencies, latency_events, mib, open_files_limit, print_json_lines, publish_at_rate,
+    publish_burst, publisher_client, r3,
 };
 use crate::sse_client::{Plan, follow};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    services: Services,
+    pub(crate) deploy: DeployArgs,
     /// SSE connection counts to measure, comma-separated; all on one topic.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     connections: Vec<usize>,
@@ -104,6 +106,8 @@ impl Args {
 struct Figure {
     /// The idle memory, latency and saturation scenarios'.
     fanout: Fanout,
+    /// The publisher process's CPU in the latency and saturation scenarios.
+    publisher_cpu: PublisherCpu,
     /// Streams the server ended and the bench reopened, whole run.
     closed: f64,
     /// Streams whose connection broke and the bench reopened, whole run.
@@ -111,6 +115,7 @@ struct Figure {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    args.deploy.check()?;
     anyhow::ensure!(
         !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
         "--connections must list counts of at least 1"
@@ -127,7 +132,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         args.open_concurrency > 0 && args.publishers > 0,
         "--open-concurrency and --publishers must be at least 1"
     );
-    let binary = server_binary()?;
+    let binaries = args.deploy.binaries(EDGE)?;
     if let Some(limit) = open_files_limit() {
         let most = args.connections.iter().max().copied().unwrap_or(0);
         if limit < most as u64 + 100 {
@@ -140,11 +145,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // A database of the bench's own, dropped at the end.
-    let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
+    let db = rt_tests::TestDb::create_on(&args.deploy.services.database_url).await;
     let results = each_count(
         &args.connections,
         args.runs,
-        |n, run| one_run(&binary, &db.url, &args, n, run),
+        |n, run| one_run(&binaries, &db.url, &args, n, run),
         |at, f, firsts| {
             if let Some(error) = &firsts.error {
                 eprintln!(
@@ -176,28 +181,31 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     ensure_all_ran(&results)
 }
 
-/// One run with `n` streams, on a server process of its own.
+/// The edge binary of a distributed deployment.
+const EDGE: &str = "sse-edge";
+
+/// One run with `n` streams, on a server process (or two) of its own.
 async fn one_run(
-    binary: &Path,
+    binaries: &Binaries,
     database_url: &str,
     args: &Args,
     n: usize,
     run: usize,
 ) -> anyhow::Result<(Figure, Firsts)> {
     let env = [("RT_SSE_MAX_CONNECTIONS", (n + 1000).to_string())];
-    let mut server = args.services.start(binary, database_url, &env).await?;
+    let mut deployment = args.deploy.start(binaries, database_url, &env).await?;
     let mut streams = JoinSet::new();
     let drops = Arc::new(Drops::default());
-    let result = measure(&server, args, n, run, &drops, &mut streams).await;
+    let result = measure(&deployment, args, n, run, &drops, &mut streams).await;
     // Streams first, so that none sees the server go and reconnects.
     streams.shutdown().await;
-    let figure = result.map_err(|e| server.explain(e))?;
+    let figure = result.map_err(|e| deployment.explain(e))?;
     Ok((figure, drops.take_firsts()))
 }
 
 /// The three scenarios, in order, on `n` streams of one fresh topic.
 async fn measure(
-    server: &Server,
+    deployment: &Deployment,
     args: &Args,
     n: usize,
     run: usize,
@@ -211,6 +219,7 @@ async fn measure(
     };
     let latency_events = latency_events(args.rate, args.seconds);
     let burst = args.burst();
+    let server = &deployment.edge;
     let addr = server.addr()?;
     let plans: Vec<Arc<Plan>> = topics
         .iter()
@@ -252,8 +261,8 @@ async fn measure(
     let rss_after = server.status_kib("VmRSS")? * 1024;
 
     // 2. Latency at a fixed rate.
-    let cpu = CpuMark::now(server)?;
-    publish_at_rate(server, &topics, latency_events, args.rate).await?;
+    let cpu = DeploymentCpuMark::now(deployment)?;
+    publish_at_rate(deployment.publish_to(), &topics, latency_events, args.rate).await?;
     let hist = gather_latencies(
         &mut rx,
         n,
@@ -263,15 +272,15 @@ async fn measure(
         latency_events,
     )
     .await?;
-    let latency_cpu = cpu.used(server)?;
+    let (latency_cpu, latency_publisher_cpu) = cpu.used(deployment)?;
 
     // 3. Saturation.
-    let cpu = CpuMark::now(server)?;
+    let cpu = DeploymentCpuMark::now(deployment)?;
     let started = Instant::now();
     let publisher = publisher_client(args.publishers)?;
     publish_burst(
         &publisher,
-        server,
+        deployment.publish_to(),
         &topics,
         burst,
         args.batch,
@@ -287,7 +296,7 @@ async fn measure(
         started,
     )
     .await?;
-    let burst_cpu = cpu.used(server)?;
+    let (burst_cpu, burst_publisher_cpu) = cpu.used(deployment)?;
 
     let closed = drops.closed.load(Ordering::Relaxed) as f64;
     let broken = drops.broken.load(Ordering::Relaxed) as f64;
@@ -308,6 +317,10 @@ async fn measure(
             },
             server.status_kib("VmHWM")? * 1024,
         ),
+        publisher_cpu: PublisherCpu {
+            latency_secs: latency_publisher_cpu,
+            burst_secs: burst_publisher_cpu,
+        },
         closed,
         broken,
     })
@@ -318,23 +331,26 @@ fn medians(runs: &[Figure]) -> Figure {
     let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
         fanout: Fanout::medians(runs, |f| &f.fanout),
+        publisher_cpu: PublisherCpu::medians(runs, |f| &f.publisher_cpu),
         closed: median(|f| f.closed),
         broken: median(|f| f.broken),
     }
 }
 
 fn print_report(args: &Args, results: &[Outcome<Figure>]) {
-    let bus = args.services.bus();
+    let bus = args.deploy.services.bus();
     let latency_events = latency_events(args.rate, args.seconds);
     println!(
-        "\nSSE, {}, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
+        "\nSSE, {}, {}, median of {} runs (each figure on its own)",
         if args.many_topics {
             "each stream on a topic of its own"
         } else {
             "all streams on one topic"
         },
+        args.deploy.title(EDGE),
         args.runs.max(1)
     );
+    let publisher_head = args.deploy.publisher_cpu_head();
     // One table per scenario, a row per connection count.
     let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
         server::table(results, &title, &head, row);
@@ -353,8 +369,8 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
             "latency: {latency_events} events at {}/s, publish sent -> event parsed by the client",
             args.rate
         ),
-        Fanout::latency_head(),
-        &|f| f.fanout.latency_row(),
+        Fanout::latency_head() + &publisher_head,
+        &|f| f.fanout.latency_row() + &PublisherCpu::cell(f.publisher_cpu.latency_secs),
     );
     table(
         format!(
@@ -365,7 +381,7 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
             args.publishers
         ),
         format!(
-            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}",
+            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}{publisher_head}",
             "connections",
             "deliveries/s",
             "secs",
@@ -377,14 +393,15 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
         ),
         &|f| {
             format!(
-                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>13.0} {:>13.0}",
+                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>13.0} {:>13.0}{}",
                 f.fanout.deliveries_per_sec,
                 f.fanout.burst_secs,
                 f.fanout.server_cpu_secs,
                 f.fanout.bench_cpu_secs,
                 mib(f.fanout.peak_rss),
                 f.closed,
-                f.broken
+                f.broken,
+                PublisherCpu::cell(f.publisher_cpu.burst_secs)
             )
         },
     );
@@ -409,8 +426,8 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
     for o in results {
         let n = o.n;
         let common = json!({
-            "connections": n, "bus": bus, "runs": args.runs.max(1),
-            "topics": if args.many_topics { n } else { 1 },
+            "connections": n, "bus": bus, "deployment": args.deploy.name(),
+            "runs": args.runs.max(1), "topics": if args.many_topics { n } else { 1 },
         });
         let lines = match &o.result {
             Ok(f) => vec![
@@ -419,17 +436,21 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
                     format!("idle memory, {n} connections{shape}"),
                     args.settle_ms,
                 ),
-                f.fanout.latency_json(
-                    "sse",
-                    format!("latency, {n} connections{shape}"),
-                    latency_events,
-                    args.rate,
+                PublisherCpu::json(
+                    f.fanout.latency_json(
+                        "sse",
+                        format!("latency, {n} connections{shape}"),
+                        latency_events,
+                        args.rate,
+                    ),
+                    f.publisher_cpu.latency_secs,
                 ),
                 json!({
                     "scenario": "sse", "name": format!("saturation, {n} connections{shape}"),
                     "deliveries_per_sec": f.fanout.deliveries_per_sec.round() as u64,
                     "secs": r3(f.fanout.burst_secs),
                     "server_cpu_secs": r3(f.fanout.server_cpu_secs), "bench_cpu_secs": r3(f.fanout.bench_cpu_secs),
+                    "publisher_cpu_secs": f.publisher_cpu.burst_secs.map(r3),
                     "peak_rss_bytes": f.fanout.peak_rss.round() as u64,
                     "streams_ended_and_resumed": f.closed.round() as u64,
                     "streams_broken_and_resumed": f.broken.round() as u64,

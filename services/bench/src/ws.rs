@@ -1,10 +1,14 @@
 //! WebSockets at scale: many sockets subscribed to one topic, served by the
 //! all-in-one `realtime` binary running as a process of its own (as for
-//! `rt-bench sse`), so that its memory is measured apart from the bench's.
+//! `rt-bench sse`), so that its memory is measured apart from the bench's;
+//! with `--distributed`, by the `ws-edge` binary, the HTTP publishes going to
+//! a `publisher` process of their own and carried to the edge over NATS (the
+//! publishes over WebSockets stay on the edge).
 //!
 //! For every connection count (`--connections`, default 1,000 and 10,000) and
-//! every run, the bench starts a fresh server process over a database of its
-//! own (created and dropped by the bench), and on a fresh topic:
+//! every run, the bench starts a fresh server process (or two) over a
+//! database of its own (created and dropped by the bench), and on a fresh
+//! topic:
 //!
 //! 1. idle memory: reads the server's resident set (`VmRSS`), opens the
 //!    sockets (at most `--open-concurrency` at a time; each connects to
@@ -33,7 +37,6 @@
 
 use std::{
     collections::VecDeque,
-    path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -54,16 +57,16 @@ use tokio_tungstenite::{
 };
 
 use crate::server::{
-    self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, Services, each_count,
-    ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, ms, now_us,
-    open_files_limit, print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
-    server_binary,
+    self, Binaries, Burst, CpuMark, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout,
+    Firsts, Idle, Msg, Outcome, PublisherCpu, each_count, ensure_all_ran, gather, gather_last_done,
+    gather_latencies, latency_events, mib, ms, now_us, open_files_limit, print_json_lines,
+    publish_at_rate, publish_burst, publisher_client, r3,
 };
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    services: Services,
+    pub(crate) deploy: DeployArgs,
     /// WebSocket counts to measure, comma-separated; all on one topic.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     connections: Vec<usize>,
@@ -116,6 +119,9 @@ pub(crate) struct Args {
 struct Figure {
     /// The idle memory, latency and saturation scenarios'.
     fanout: Fanout,
+    /// The publisher process's CPU in the latency and saturation scenarios
+    /// (publishes over the WebSocket go to the edge).
+    publisher_cpu: PublisherCpu,
     /// Publish frame sent → its ack read, over the WebSocket.
     ack_p50_ms: f64,
     ack_p99_ms: f64,
@@ -176,6 +182,7 @@ const OPEN_WAIT: Duration = Duration::from_secs(30);
 const SUBSCRIBE_REF: &str = "s";
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    args.deploy.check()?;
     anyhow::ensure!(
         !args.connections.is_empty() && args.connections.iter().all(|&n| n > 0),
         "--connections must list counts of at least 1"
@@ -196,7 +203,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         args.acks > 0 && args.ack_sockets > 0 && args.ack_window > 0,
         "--acks, --ack-sockets and --ack-window must be at least 1"
     );
-    let binary = server_binary()?;
+    let binaries = args.deploy.binaries(EDGE)?;
     if let Some(limit) = open_files_limit() {
         let most = args.connections.iter().max().copied().unwrap_or(0) + args.ack_sockets;
         if limit < most as u64 + 100 {
@@ -209,11 +216,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // A database of the bench's own, dropped at the end.
-    let db = rt_tests::TestDb::create_on(&args.services.database_url).await;
+    let db = rt_tests::TestDb::create_on(&args.deploy.services.database_url).await;
     let results = each_count(
         &args.connections,
         args.runs,
-        |n, run| one_run(&binary, &db.url, &args, n, run),
+        |n, run| one_run(&binaries, &db.url, &args, n, run),
         |at, f, firsts| {
             if let Some(error) = &firsts.error {
                 eprintln!(
@@ -256,9 +263,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     ensure_all_ran(&results)
 }
 
-/// One run with `n` sockets, on a server process of its own.
+/// The edge binary of a distributed deployment.
+const EDGE: &str = "ws-edge";
+
+/// One run with `n` sockets, on a server process (or two) of its own.
 async fn one_run(
-    binary: &Path,
+    binaries: &Binaries,
     database_url: &str,
     args: &Args,
     n: usize,
@@ -271,25 +281,26 @@ async fn one_run(
         ),
         ("RT_WS_PUBLISH_RATE", "1000000".to_owned()),
     ];
-    let mut server = args.services.start(binary, database_url, &env).await?;
+    let mut deployment = args.deploy.start(binaries, database_url, &env).await?;
     let mut sockets = JoinSet::new();
     let drops = Arc::new(Drops::default());
-    let result = measure(&server, args, n, run, &drops, &mut sockets).await;
+    let result = measure(&deployment, args, n, run, &drops, &mut sockets).await;
     // Sockets first, so that none sees the server go and reconnects.
     sockets.shutdown().await;
-    let figure = result.map_err(|e| server.explain(e))?;
+    let figure = result.map_err(|e| deployment.explain(e))?;
     Ok((figure, drops.take_firsts()))
 }
 
 /// The four scenarios, in order, on `n` sockets subscribed to one fresh topic.
 async fn measure(
-    server: &Server,
+    deployment: &Deployment,
     args: &Args,
     n: usize,
     run: usize,
     drops: &Arc<Drops>,
     sockets: &mut JoinSet<()>,
 ) -> anyhow::Result<Figure> {
+    let server = &deployment.edge;
     let topic = format!("ws{n}-{run}");
     let latency_events = latency_events(args.rate, args.seconds);
     let ws_url = format!("{}/v1/ws", server.url("").replacen("http://", "ws://", 1));
@@ -333,9 +344,9 @@ async fn measure(
     let rss_after = server.status_kib("VmRSS")? * 1024;
 
     // 2. Latency at a fixed rate.
-    let cpu = CpuMark::now(server)?;
+    let cpu = DeploymentCpuMark::now(deployment)?;
     publish_at_rate(
-        server,
+        deployment.publish_to(),
         std::slice::from_ref(&plan.topic),
         latency_events,
         args.rate,
@@ -350,15 +361,15 @@ async fn measure(
         latency_events,
     )
     .await?;
-    let latency_cpu = cpu.used(server)?;
+    let (latency_cpu, latency_publisher_cpu) = cpu.used(deployment)?;
 
     // 3. Saturation.
-    let cpu = CpuMark::now(server)?;
+    let cpu = DeploymentCpuMark::now(deployment)?;
     let started = Instant::now();
     let publisher = publisher_client(args.publishers)?;
     publish_burst(
         &publisher,
-        server,
+        deployment.publish_to(),
         std::slice::from_ref(&plan.topic),
         args.burst,
         args.batch,
@@ -374,9 +385,10 @@ async fn measure(
         started,
     )
     .await?;
-    let burst_cpu = cpu.used(server)?;
+    let (burst_cpu, burst_publisher_cpu) = cpu.used(deployment)?;
 
-    // 4. Publish → ack over the WebSocket, on a topic of its own.
+    // 4. Publish → ack over the WebSocket, on a topic of its own (the edge
+    // commits these itself, distributed or not).
     let cpu = CpuMark::now(server)?;
     let (acks, ack_secs) = publish_over_sockets(&ws_url, &format!("{}-acks", plan.topic), args)
         .await
@@ -399,6 +411,10 @@ async fn measure(
         publishes_per_sec: args.acks as f64 / ack_secs,
         ack_server_cpu_secs,
         ack_bench_cpu_secs,
+        publisher_cpu: PublisherCpu {
+            latency_secs: latency_publisher_cpu,
+            burst_secs: burst_publisher_cpu,
+        },
         closed: drops.closed.load(Ordering::Relaxed) as f64,
         broken: drops.broken.load(Ordering::Relaxed) as f64,
         fanout: Fanout::measured(
@@ -708,6 +724,7 @@ fn medians(runs: &[Figure]) -> Figure {
     let median = |get: fn(&Figure) -> f64| crate::server::median(runs, get);
     Figure {
         fanout: Fanout::medians(runs, |f| &f.fanout),
+        publisher_cpu: PublisherCpu::medians(runs, |f| &f.publisher_cpu),
         ack_p50_ms: median(|f| f.ack_p50_ms),
         ack_p99_ms: median(|f| f.ack_p99_ms),
         ack_p999_ms: median(|f| f.ack_p999_ms),
@@ -722,12 +739,14 @@ fn medians(runs: &[Figure]) -> Figure {
 }
 
 fn print_report(args: &Args, results: &[Outcome<Figure>]) {
-    let bus = args.services.bus();
+    let bus = args.deploy.services.bus();
     let latency_events = latency_events(args.rate, args.seconds);
     println!(
-        "\nWebSockets, all subscribed to one topic, server in its own process ({bus} bus), median of {} runs (each figure on its own)",
+        "\nWebSockets, all subscribed to one topic, {}, median of {} runs (each figure on its own)",
+        args.deploy.title(EDGE),
         args.runs.max(1)
     );
+    let publisher_head = args.deploy.publisher_cpu_head();
     // One table per scenario, a row per connection count.
     let table = |title: String, head: String, row: &dyn Fn(&Figure) -> String| {
         server::table(results, &title, &head, row);
@@ -746,8 +765,8 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
             "latency: {latency_events} events at {}/s over HTTP, publish sent -> event frame parsed by the client",
             args.rate
         ),
-        Fanout::latency_head(),
-        &|f| f.fanout.latency_row(),
+        Fanout::latency_head() + &publisher_head,
+        &|f| f.fanout.latency_row() + &PublisherCpu::cell(f.publisher_cpu.latency_secs),
     );
     table(
         format!(
@@ -756,7 +775,7 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
             args.burst, args.batch, args.publishers
         ),
         format!(
-            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}",
+            "{:<12} {:>13} {:>8} {:>13} {:>12} {:>13} {:>13} {:>13}{publisher_head}",
             "connections",
             "deliveries/s",
             "secs",
@@ -768,14 +787,15 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
         ),
         &|f| {
             format!(
-                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>14.0} {:>13.0}",
+                "{:>13.0} {:>8.2} {:>13.2} {:>12.2} {:>13.1} {:>14.0} {:>13.0}{}",
                 f.fanout.deliveries_per_sec,
                 f.fanout.burst_secs,
                 f.fanout.server_cpu_secs,
                 f.fanout.bench_cpu_secs,
                 mib(f.fanout.peak_rss),
                 f.closed,
-                f.broken
+                f.broken,
+                PublisherCpu::cell(f.publisher_cpu.burst_secs)
             )
         },
     );
@@ -830,7 +850,8 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
     for o in results {
         let n = o.n;
         let common = json!({
-            "connections": n, "bus": bus, "runs": args.runs.max(1),
+            "connections": n, "bus": bus, "deployment": args.deploy.name(),
+            "runs": args.runs.max(1),
         });
         let lines = match &o.result {
             Ok(f) => vec![
@@ -839,17 +860,21 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
                     format!("idle memory, {n} connections"),
                     args.settle_ms,
                 ),
-                f.fanout.latency_json(
-                    "ws",
-                    format!("latency, {n} connections"),
-                    latency_events,
-                    args.rate,
+                PublisherCpu::json(
+                    f.fanout.latency_json(
+                        "ws",
+                        format!("latency, {n} connections"),
+                        latency_events,
+                        args.rate,
+                    ),
+                    f.publisher_cpu.latency_secs,
                 ),
                 json!({
                     "scenario": "ws", "name": format!("saturation, {n} connections"),
                     "deliveries_per_sec": f.fanout.deliveries_per_sec.round() as u64,
                     "secs": r3(f.fanout.burst_secs),
                     "server_cpu_secs": r3(f.fanout.server_cpu_secs), "bench_cpu_secs": r3(f.fanout.bench_cpu_secs),
+                    "publisher_cpu_secs": f.publisher_cpu.burst_secs.map(r3),
                     "peak_rss_bytes": f.fanout.peak_rss.round() as u64,
                     "sockets_closed_and_resumed": f.closed.round() as u64,
                     "sockets_broken_and_resumed": f.broken.round() as u64,
