@@ -677,6 +677,18 @@ mod tests {
         assert_eq!(thousands(4_690_123.0), "4,690,123");
     }
 
+    /// What a child that printed `lines` left to read.
+    fn child_output(command: &str, lines: &[&str]) -> ChildOutput {
+        ChildOutput {
+            command: command.to_owned(),
+            objects: lines
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            elapsed_secs: 1.0,
+        }
+    }
+
     #[test]
     fn figures_are_read_from_json_lines() {
         let lines = [
@@ -684,14 +696,7 @@ mod tests {
             r#"{"scenario":"raw","name":"latency, 10 connections","p50_ms":1.5,"p99_ms":3.0,"p999_ms":3.5,"max_ms":4.0,"server_cpu_secs":0.1,"bench_cpu_secs":0.2}"#,
             r#"{"scenario":"raw","name":"saturation, 10 connections","deliveries_per_sec":1000,"secs":2.0,"server_cpu_secs":0.3,"bench_cpu_secs":0.4,"peak_rss_bytes":1048576}"#,
         ];
-        let output = ChildOutput {
-            command: "rt-bench raw".to_owned(),
-            objects: lines
-                .iter()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect(),
-            elapsed_secs: 1.0,
-        };
+        let output = child_output("rt-bench raw", &lines);
         let f = figures_of(&output, "raw", 10, None).unwrap_or_default();
         assert!((f.kib() - 2.0).abs() < 1e-9);
         assert!((f.p99_ms - 3.0).abs() < 1e-9);
@@ -708,14 +713,7 @@ mod tests {
             r#"{"scenario":"sse","name":"latency, 10 connections","p50_ms":1.5,"p99_ms":3.0,"p999_ms":3.5,"max_ms":4.0,"server_cpu_secs":0.1,"bench_cpu_secs":0.2,"publisher_cpu_secs":0.25}"#,
             r#"{"scenario":"sse","name":"saturation, 10 connections","deliveries_per_sec":1000,"secs":2.0,"server_cpu_secs":0.3,"bench_cpu_secs":0.4,"peak_rss_bytes":1048576,"publisher_cpu_secs":0.5}"#,
         ];
-        let output = ChildOutput {
-            command: "rt-bench sse".to_owned(),
-            objects: lines
-                .iter()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect(),
-            elapsed_secs: 1.0,
-        };
+        let output = child_output("rt-bench sse", &lines);
         let f = figures_of(&output, "sse", 10, Some("distributed")).unwrap_or_default();
         assert_eq!(f.latency_publisher_cpu_secs, Some(0.25));
         assert_eq!(f.burst_publisher_cpu_secs, Some(0.5));
