@@ -225,10 +225,9 @@ struct FeedState {
     /// Highest seq handed on; everything up to it was handed on in order.
     last: u64,
     low_seq: u64,
-    /// The most recent events, contiguous, ending at `last` (or empty).
+    /// The most recent events, contiguous, ending at `last` (or empty);
+    /// each counts its [`SharedEvent::cached_bytes`] against the budget.
     cache: VecDeque<Arc<SharedEvent>>,
-    /// What `cache` holds, as counted against the budget.
-    cache_bytes: usize,
 }
 
 impl Hub {
@@ -424,10 +423,8 @@ impl TopicFeed {
             let mut state = self.state.write().expect("feed state lock");
             state.last = event.seq();
             if cache_events > 0 && self.budget.limit > 0 {
-                let bytes = event.cached_bytes();
+                self.budget.add(event.cached_bytes());
                 state.cache.push_back(event.clone());
-                state.cache_bytes += bytes;
-                self.budget.add(bytes);
             }
             let over = state.cache.len().saturating_sub(cache_events);
             self.drop_oldest(&mut state, over);
@@ -440,7 +437,6 @@ impl TopicFeed {
     fn drop_oldest(&self, state: &mut FeedState, n: usize) -> usize {
         let freed: usize = state.cache.drain(..n).map(|e| e.cached_bytes()).sum();
         if freed > 0 {
-            state.cache_bytes -= freed;
             self.budget.sub(freed);
         }
         freed
@@ -459,7 +455,8 @@ impl TopicFeed {
 impl Drop for TopicFeed {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        self.budget.sub(state.cache_bytes);
+        let held: usize = state.cache.iter().map(|e| e.cached_bytes()).sum();
+        self.budget.sub(held);
     }
 }
 
