@@ -259,8 +259,17 @@ impl Position {
         self.0.get(topic).copied().unwrap_or(0)
     }
 
-    pub fn set(&mut self, topic: Topic, seq: u64) {
-        self.0.insert(topic, seq);
+    /// Sets the position in `topic`. A topic already held is updated in
+    /// place: streams call this for every event, and cloning the name (a
+    /// reference count shared by every stream of the topic) would make the
+    /// threads serving them contend for it.
+    pub fn set(&mut self, topic: &Topic, seq: u64) {
+        match self.0.get_mut(topic) {
+            Some(held) => *held = seq,
+            None => {
+                self.0.insert(topic.clone(), seq);
+            }
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&Topic, u64)> {

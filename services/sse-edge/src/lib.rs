@@ -25,11 +25,18 @@
 //! shutdown every stream ends with a comment and a short `retry:`, so
 //! browsers reconnect (to another replica) at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{StreamExt as _, future::LocalBoxFuture, stream};
+use futures_util::{
+    FutureExt as _, StreamExt as _,
+    future::{BoxFuture, Fuse, LocalBoxFuture},
+    stream,
+};
 use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
@@ -193,8 +200,7 @@ enum Phase {
 enum Woke {
     Delivery(Result<Delivery, HubError>),
     Heartbeat,
-    Shutdown,
-    TokenExpired,
+    Closing(Closing),
 }
 
 /// One SSE connection: its followers, position and timers.
@@ -208,10 +214,16 @@ struct Conn {
     /// No heartbeat is due before this: the last chunk plus the interval.
     quiet_until: tokio::time::Instant,
     shutdown: Shutdown,
+    /// When the token ends, if it does.
+    expires_at: Option<SystemTime>,
+    /// Ends at a shutdown or when the token expires. Made once and kept
+    /// waiting for the stream's whole life: made anew at every wait, it
+    /// would join (and, once an event came instead, leave) the shutdown's
+    /// waiters and the timers for every event of every stream.
+    closing: Fuse<BoxFuture<'static, Closing>>,
     metrics: Arc<Metrics>,
     retry: Duration,
     phase: Phase,
-    principal: Principal,
     _pass: Pass,
 }
 
@@ -233,16 +245,30 @@ impl Conn {
         let mut heartbeat = tokio::time::interval_at(quiet_until, every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ctx.metrics.streams_open.with_label_values(&["sse"]).inc();
+        let shutdown = ctx.shutdown.clone();
+        let expires_at = principal.expires_at;
+        let closing = {
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown.started() => Closing::Shutdown,
+                    () = principal.expiry() => Closing::TokenExpired,
+                }
+            }
+            .boxed()
+            .fuse()
+        };
         Conn {
             followers,
             position,
             heartbeat,
             quiet_until,
-            shutdown: ctx.shutdown.clone(),
+            shutdown,
+            expires_at,
+            closing,
             metrics: ctx.metrics.clone(),
             retry: ctx.settings.sse_retry,
             phase: Phase::Opening,
-            principal,
             _pass: pass,
         }
     }
@@ -280,11 +306,7 @@ impl Conn {
             if self.shutdown.is_started() {
                 return Err(Closing::Shutdown);
             }
-            if self
-                .principal
-                .expires_at
-                .is_some_and(|at| at <= std::time::SystemTime::now())
-            {
+            if self.expires_at.is_some_and(|at| at <= SystemTime::now()) {
                 return Err(Closing::TokenExpired);
             }
             // Topics take turns, so one busy topic cannot starve the others.
@@ -326,8 +348,7 @@ impl Conn {
                 tokio::select! {
                     first = delivery => Woke::Delivery(first),
                     _ = self.heartbeat.tick() => Woke::Heartbeat,
-                    () = self.shutdown.started() => Woke::Shutdown,
-                    () = self.principal.expiry() => Woke::TokenExpired,
+                    closing = &mut self.closing => Woke::Closing(closing),
                 }
             };
             match woke {
@@ -344,8 +365,7 @@ impl Conn {
                     self.quiet_until = now + self.heartbeat.period();
                     return Ok(Bytes::from_static(b": heartbeat\n\n"));
                 }
-                Woke::Shutdown => return Err(Closing::Shutdown),
-                Woke::TokenExpired => return Err(Closing::TokenExpired),
+                Woke::Closing(closing) => return Err(closing),
             }
         }
     }
@@ -354,15 +374,22 @@ impl Conn {
     fn frame(&mut self, delivery: Delivery, buf: &mut BytesMut) {
         match delivery {
             Delivery::Event(event) => {
-                self.position.set(event.event.topic.clone(), event.seq());
-                let fields = event.framed(Framing::Sse, sse_fields);
-                // Room for the id line too: one allocation, not a few growths.
-                buf.reserve(fields.len() + 64);
-                put_id(buf, &self.position);
-                buf.put_slice(fields);
+                self.position.set(&event.event.topic, event.seq());
+                let frame = event.framed(Framing::Sse, sse_frame);
+                if self.followers.len() == 1 {
+                    // The id is the one topic's seq: the frame as built once
+                    // for every stream of the topic.
+                    buf.put_slice(frame);
+                } else {
+                    let fields = fields_of(frame);
+                    // Room for the id line too: one allocation, not a few growths.
+                    buf.reserve(fields.len() + 64);
+                    put_id(buf, &self.position);
+                    buf.put_slice(fields);
+                }
             }
             Delivery::Reset { topic, from } => {
-                self.position.set(topic.clone(), from);
+                self.position.set(&topic, from);
                 put_id(buf, &self.position);
                 #[derive(Serialize)]
                 struct Reset<'a> {
@@ -397,12 +424,18 @@ fn put_id(buf: &mut BytesMut, position: &Position) {
     buf.put_u8(b'\n');
 }
 
-/// `event:` and `data:` lines of an event, built once per event and shared
-/// by every stream. The event JSON is one line unless the publisher's data
-/// held line breaks; each line then gets its own `data:` field, which
-/// EventSource joins back with `\n`.
-fn sse_fields(event: &SharedEvent) -> Bytes {
-    let mut buf = BytesMut::with_capacity(event.json.len() + event.event.event_type.len() + 16);
+/// An event as a stream of its topic alone sends it, built once per event
+/// and shared by every stream: the `id:` line (`topic:seq`), then the
+/// `event:` and `data:` lines. The event JSON is one line unless the
+/// publisher's data held line breaks; each line then gets its own `data:`
+/// field, which EventSource joins back with `\n`.
+fn sse_frame(event: &SharedEvent) -> Bytes {
+    use std::fmt::Write as _;
+    let topic = event.event.topic.as_str();
+    let mut buf =
+        BytesMut::with_capacity(event.json.len() + event.event.event_type.len() + topic.len() + 48);
+    // unwrap: writing into a BytesMut cannot fail
+    write!(buf, "id: {topic}:{}\n", event.seq()).expect("BytesMut grows");
     buf.put_slice(b"event: ");
     buf.put_slice(event.event.event_type.as_bytes());
     buf.put_u8(b'\n');
@@ -427,6 +460,13 @@ fn sse_fields(event: &SharedEvent) -> Bytes {
     buf.freeze()
 }
 
+/// The `event:` and `data:` lines of a frame built by [`sse_frame`]: what
+/// follows its `id:` line (a topic name holds no line break).
+fn fields_of(frame: &[u8]) -> &[u8] {
+    let id_line = frame.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+    &frame[id_line..]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,21 +484,35 @@ mod tests {
     }
 
     #[test]
-    fn an_event_is_one_data_line() {
+    fn an_event_is_its_id_and_one_data_line() {
         let e = shared(r#"{"a":1}"#);
+        let json = String::from_utf8_lossy(&e.json);
         assert_eq!(
-            sse_fields(&e),
-            Bytes::from(format!(
-                "event: note\ndata: {}\n\n",
-                String::from_utf8_lossy(&e.json)
-            ))
+            sse_frame(&e),
+            Bytes::from(format!("id: t:3\nevent: note\ndata: {json}\n\n"))
         );
+        assert_eq!(
+            fields_of(&sse_frame(&e)),
+            format!("event: note\ndata: {json}\n\n").as_bytes()
+        );
+    }
+
+    #[test]
+    fn the_shared_id_line_is_the_position_of_its_topic_alone() {
+        let e = shared("1");
+        let mut position = Position::default();
+        position.set(&e.event.topic, 2);
+        position.set(&e.event.topic, e.seq());
+        let mut id = BytesMut::new();
+        put_id(&mut id, &position);
+        let frame = sse_frame(&e);
+        assert_eq!(&frame[..frame.len() - fields_of(&frame).len()], &id[..]);
     }
 
     #[test]
     fn line_breaks_in_data_become_several_data_lines() {
         let e = shared("{\r\n\"a\":\r1\n}");
-        let text = String::from_utf8(sse_fields(&e).to_vec()).unwrap();
+        let text = String::from_utf8(fields_of(&sse_frame(&e)).to_vec()).unwrap();
         assert!(!text.contains('\r'), "{text:?}");
         let data: Vec<&str> = text
             .lines()
