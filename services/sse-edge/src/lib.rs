@@ -435,7 +435,7 @@ fn sse_frame(event: &SharedEvent) -> Bytes {
     let mut buf =
         BytesMut::with_capacity(event.json.len() + event.event.event_type.len() + topic.len() + 48);
     // unwrap: writing into a BytesMut cannot fail
-    write!(buf, "id: {topic}:{}\n", event.seq()).expect("BytesMut grows");
+    writeln!(buf, "id: {topic}:{}", event.seq()).expect("BytesMut grows");
     buf.put_slice(b"event: ");
     buf.put_slice(event.event.event_type.as_bytes());
     buf.put_u8(b'\n');
