@@ -156,12 +156,15 @@ const MAX_BATCH: usize = 1000;
 /// previous event woke, and that wait would count as the edge's latency.
 /// The ceiling's publisher is a timer inside its own server, which the
 /// readers never delay.
+///
+/// Returns how long each publish request took to be answered (µs): the
+/// commit, which the edges' latencies include and the ceiling's do not.
 pub(crate) async fn publish_at_rate(
     server: &Server,
     topics: &[String],
     events: u64,
     rate: f64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Histogram<u32>> {
     let (base, topics) = (server.base.clone(), topics.to_vec());
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -183,7 +186,7 @@ async fn publish_paced(
     topics: &[String],
     events: u64,
     rate: f64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Histogram<u32>> {
     #[derive(Deserialize)]
     struct Published {
         seq: u64,
@@ -194,10 +197,13 @@ async fn publish_paced(
     }
     let http = &publisher_client(topics.len().div_ceil(MAX_BATCH))?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut answered = Histogram::<u32>::new(3)?;
     for seq in 1..=events {
         tick.tick().await;
+        let sent = Instant::now();
         if let [topic] = topics {
             publish_stamped(http, &format!("{base}/v1/topics/{topic}/events"), seq).await?;
+            answered.record(sent.elapsed().as_micros() as u64)?;
             continue;
         }
         let url = format!("{base}/v1/events");
@@ -225,8 +231,9 @@ async fn publish_paced(
         for done in futures_util::future::join_all(requests).await {
             done?;
         }
+        answered.record(sent.elapsed().as_micros() as u64)?;
     }
-    Ok(())
+    Ok(answered)
 }
 
 /// Publishes one event carrying the wall-clock time it was sent at to the
@@ -611,6 +618,39 @@ mod tests {
         let line = PublisherCpu::json(json!({"name": "x"}), None);
         assert!(line["publisher_cpu_secs"].is_null());
     }
+
+    #[test]
+    fn publish_waits_are_read_from_the_answer_times_and_reported_as_medians() {
+        let mut answered = Histogram::<u32>::new(3).unwrap_or_else(|e| panic!("{e}"));
+        for us in 1..=1000 {
+            answered.record(us * 10).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let one = PublishWaits::of(&answered);
+        assert!((one.p50_ms - 5.0).abs() < 0.01, "{one:?}");
+        assert!((one.p99_ms - 9.9).abs() < 0.01, "{one:?}");
+        assert!((one.max_ms - 10.0).abs() < 0.01, "{one:?}");
+        let runs = [
+            one,
+            PublishWaits {
+                p50_ms: 1.0,
+                p99_ms: 50.0,
+                max_ms: 90.0,
+            },
+            PublishWaits::default(),
+        ];
+        let m = PublishWaits::medians(&runs, |w| w);
+        assert_eq!(m.p50_ms, 1.0);
+        assert!((m.p99_ms - 9.9).abs() < 0.01, "{m:?}");
+        assert!((m.max_ms - 10.0).abs() < 0.01, "{m:?}");
+        let line = m.json(json!({"name": "x"}));
+        assert_eq!(line["publish_p50_ms"], json!(1.0));
+        assert_eq!(line["name"], json!("x"));
+        assert_eq!(
+            PublishWaits::head().len(),
+            m.cells().len(),
+            "columns line up"
+        );
+    }
 }
 
 /// Where the services under test keep their log and bus: the arguments every
@@ -861,6 +901,68 @@ impl PublisherCpu {
     pub(crate) fn json(mut line: serde_json::Value, secs: Option<f64>) -> serde_json::Value {
         if let Some(line) = line.as_object_mut() {
             line.insert("publisher_cpu_secs".to_owned(), json!(secs.map(r3)));
+        }
+        line
+    }
+}
+
+/// How long the publishes of an edge's latency scenario took to be
+/// answered (request sent → `201`): the commit, which every delivery's
+/// latency includes and the ceiling's does not. Kept apart, so that a slow
+/// disk's tail can be told from the fan-out's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct PublishWaits {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+}
+
+impl PublishWaits {
+    /// From the answer times, in µs, of one run's publishes.
+    pub(crate) fn of(answered: &Histogram<u32>) -> PublishWaits {
+        PublishWaits {
+            p50_ms: ms(answered.value_at_quantile(0.5)),
+            p99_ms: ms(answered.value_at_quantile(0.99)),
+            max_ms: ms(answered.max()),
+        }
+    }
+
+    /// The median of each figure over the runs (`get` finds the figures in
+    /// a run's).
+    pub(crate) fn medians<R>(runs: &[R], get: fn(&R) -> &PublishWaits) -> PublishWaits {
+        PublishWaits {
+            p50_ms: median(runs, |r| get(r).p50_ms),
+            p99_ms: median(runs, |r| get(r).p99_ms),
+            max_ms: median(runs, |r| get(r).max_ms),
+        }
+    }
+
+    /// The latency table's columns for these figures.
+    pub(crate) fn head() -> String {
+        format!(
+            " {:>13} {:>13} {:>13}",
+            "publish p50", "publish p99", "publish max"
+        )
+    }
+
+    pub(crate) fn cells(&self) -> String {
+        format!(
+            " {:>13.2} {:>13.2} {:>13.2}",
+            self.p50_ms, self.p99_ms, self.max_ms
+        )
+    }
+
+    /// `line`, a JSON object, with `publish_p50_ms`, `publish_p99_ms` and
+    /// `publish_max_ms`.
+    pub(crate) fn json(&self, mut line: serde_json::Value) -> serde_json::Value {
+        if let Some(line) = line.as_object_mut() {
+            for (name, value) in [
+                ("publish_p50_ms", self.p50_ms),
+                ("publish_p99_ms", self.p99_ms),
+                ("publish_max_ms", self.max_ms),
+            ] {
+                line.insert(name.to_owned(), json!(r3(value)));
+            }
         }
         line
     }

@@ -41,7 +41,7 @@ use tokio::{
 
 use crate::server::{
     self, Binaries, Burst, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout, Firsts, Idle,
-    Msg, Outcome, PublisherCpu, each_count, ensure_all_ran, gather, gather_last_done,
+    Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather, gather_last_done,
     gather_latencies, latency_events, mib, open_files_limit, print_json_lines, publish_at_rate,
     publish_burst, publisher_client, r3,
 };
@@ -108,6 +108,8 @@ struct Figure {
     fanout: Fanout,
     /// The publisher process's CPU in the latency and saturation scenarios.
     publisher_cpu: PublisherCpu,
+    /// The latency scenario's publish requests, sent → answered.
+    publish: PublishWaits,
     /// Streams the server ended and the bench reopened, whole run.
     closed: f64,
     /// Streams whose connection broke and the bench reopened, whole run.
@@ -262,7 +264,8 @@ async fn measure(
 
     // 2. Latency at a fixed rate.
     let cpu = DeploymentCpuMark::now(deployment)?;
-    publish_at_rate(deployment.publish_to(), &topics, latency_events, args.rate).await?;
+    let answered =
+        publish_at_rate(deployment.publish_to(), &topics, latency_events, args.rate).await?;
     let hist = gather_latencies(
         &mut rx,
         n,
@@ -321,6 +324,7 @@ async fn measure(
             latency_secs: latency_publisher_cpu,
             burst_secs: burst_publisher_cpu,
         },
+        publish: PublishWaits::of(&answered),
         closed,
         broken,
     })
@@ -332,6 +336,7 @@ fn medians(runs: &[Figure]) -> Figure {
     Figure {
         fanout: Fanout::medians(runs, |f| &f.fanout),
         publisher_cpu: PublisherCpu::medians(runs, |f| &f.publisher_cpu),
+        publish: PublishWaits::medians(runs, |f| &f.publish),
         closed: median(|f| f.closed),
         broken: median(|f| f.broken),
     }
@@ -369,8 +374,12 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
             "latency: {latency_events} events at {}/s, publish sent -> event parsed by the client",
             args.rate
         ),
-        Fanout::latency_head() + &publisher_head,
-        &|f| f.fanout.latency_row() + &PublisherCpu::cell(f.publisher_cpu.latency_secs),
+        Fanout::latency_head() + &PublishWaits::head() + &publisher_head,
+        &|f| {
+            f.fanout.latency_row()
+                + &f.publish.cells()
+                + &PublisherCpu::cell(f.publisher_cpu.latency_secs)
+        },
     );
     table(
         format!(
@@ -437,12 +446,12 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
                     args.settle_ms,
                 ),
                 PublisherCpu::json(
-                    f.fanout.latency_json(
+                    f.publish.json(f.fanout.latency_json(
                         "sse",
                         format!("latency, {n} connections{shape}"),
                         latency_events,
                         args.rate,
-                    ),
+                    )),
                     f.publisher_cpu.latency_secs,
                 ),
                 json!({

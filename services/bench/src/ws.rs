@@ -58,9 +58,9 @@ use tokio_tungstenite::{
 
 use crate::server::{
     self, Binaries, Burst, CpuMark, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout,
-    Firsts, Idle, Msg, Outcome, PublisherCpu, each_count, ensure_all_ran, gather, gather_last_done,
-    gather_latencies, latency_events, mib, ms, now_us, open_files_limit, print_json_lines,
-    publish_at_rate, publish_burst, publisher_client, r3,
+    Firsts, Idle, Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather,
+    gather_last_done, gather_latencies, latency_events, mib, ms, now_us, open_files_limit,
+    print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
 };
 
 #[derive(clap::Args)]
@@ -122,6 +122,8 @@ struct Figure {
     /// The publisher process's CPU in the latency and saturation scenarios
     /// (publishes over the WebSocket go to the edge).
     publisher_cpu: PublisherCpu,
+    /// The latency scenario's publish requests, sent → answered.
+    publish: PublishWaits,
     /// Publish frame sent → its ack read, over the WebSocket.
     ack_p50_ms: f64,
     ack_p99_ms: f64,
@@ -345,7 +347,7 @@ async fn measure(
 
     // 2. Latency at a fixed rate.
     let cpu = DeploymentCpuMark::now(deployment)?;
-    publish_at_rate(
+    let answered = publish_at_rate(
         deployment.publish_to(),
         std::slice::from_ref(&plan.topic),
         latency_events,
@@ -415,6 +417,7 @@ async fn measure(
             latency_secs: latency_publisher_cpu,
             burst_secs: burst_publisher_cpu,
         },
+        publish: PublishWaits::of(&answered),
         closed: drops.closed.load(Ordering::Relaxed) as f64,
         broken: drops.broken.load(Ordering::Relaxed) as f64,
         fanout: Fanout::measured(
@@ -725,6 +728,7 @@ fn medians(runs: &[Figure]) -> Figure {
     Figure {
         fanout: Fanout::medians(runs, |f| &f.fanout),
         publisher_cpu: PublisherCpu::medians(runs, |f| &f.publisher_cpu),
+        publish: PublishWaits::medians(runs, |f| &f.publish),
         ack_p50_ms: median(|f| f.ack_p50_ms),
         ack_p99_ms: median(|f| f.ack_p99_ms),
         ack_p999_ms: median(|f| f.ack_p999_ms),
@@ -765,8 +769,12 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
             "latency: {latency_events} events at {}/s over HTTP, publish sent -> event frame parsed by the client",
             args.rate
         ),
-        Fanout::latency_head() + &publisher_head,
-        &|f| f.fanout.latency_row() + &PublisherCpu::cell(f.publisher_cpu.latency_secs),
+        Fanout::latency_head() + &PublishWaits::head() + &publisher_head,
+        &|f| {
+            f.fanout.latency_row()
+                + &f.publish.cells()
+                + &PublisherCpu::cell(f.publisher_cpu.latency_secs)
+        },
     );
     table(
         format!(
@@ -861,12 +869,12 @@ fn print_report(args: &Args, results: &[Outcome<Figure>]) {
                     args.settle_ms,
                 ),
                 PublisherCpu::json(
-                    f.fanout.latency_json(
+                    f.publish.json(f.fanout.latency_json(
                         "ws",
                         format!("latency, {n} connections"),
                         latency_events,
                         args.rate,
-                    ),
+                    )),
                     f.publisher_cpu.latency_secs,
                 ),
                 json!({
