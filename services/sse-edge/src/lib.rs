@@ -25,18 +25,11 @@
 //! shutdown every stream ends with a comment and a short `retry:`, so
 //! browsers reconnect (to another replica) at once.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
 use actix_web::{HttpRequest, HttpResponse, dev::RequestHead, http::header, web};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{
-    FutureExt as _, StreamExt as _,
-    future::{BoxFuture, Fuse, LocalBoxFuture},
-    stream,
-};
+use futures_util::{StreamExt as _, future::LocalBoxFuture, stream};
 use rt_core::{
     ApiError, Context, Position, Topic,
     auth::Principal,
@@ -200,7 +193,8 @@ enum Phase {
 enum Woke {
     Delivery(Result<Delivery, HubError>),
     Heartbeat,
-    Closing(Closing),
+    Shutdown,
+    TokenExpired,
 }
 
 /// One SSE connection: its followers, position and timers.
@@ -214,16 +208,10 @@ struct Conn {
     /// No heartbeat is due before this: the last chunk plus the interval.
     quiet_until: tokio::time::Instant,
     shutdown: Shutdown,
-    /// When the token ends, if it does.
-    expires_at: Option<SystemTime>,
-    /// Ends at a shutdown or when the token expires. Made once and kept
-    /// waiting for the stream's whole life: made anew at every wait, it
-    /// would join (and, once an event came instead, leave) the shutdown's
-    /// waiters and the timers for every event of every stream.
-    closing: Fuse<BoxFuture<'static, Closing>>,
     metrics: Arc<Metrics>,
     retry: Duration,
     phase: Phase,
+    principal: Principal,
     _pass: Pass,
 }
 
@@ -245,30 +233,16 @@ impl Conn {
         let mut heartbeat = tokio::time::interval_at(quiet_until, every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ctx.metrics.streams_open.with_label_values(&["sse"]).inc();
-        let shutdown = ctx.shutdown.clone();
-        let expires_at = principal.expires_at;
-        let closing = {
-            let shutdown = shutdown.clone();
-            async move {
-                tokio::select! {
-                    () = shutdown.started() => Closing::Shutdown,
-                    () = principal.expiry() => Closing::TokenExpired,
-                }
-            }
-            .boxed()
-            .fuse()
-        };
         Conn {
             followers,
             position,
             heartbeat,
             quiet_until,
-            shutdown,
-            expires_at,
-            closing,
+            shutdown: ctx.shutdown.clone(),
             metrics: ctx.metrics.clone(),
             retry: ctx.settings.sse_retry,
             phase: Phase::Opening,
+            principal,
             _pass: pass,
         }
     }
@@ -306,7 +280,11 @@ impl Conn {
             if self.shutdown.is_started() {
                 return Err(Closing::Shutdown);
             }
-            if self.expires_at.is_some_and(|at| at <= SystemTime::now()) {
+            if self
+                .principal
+                .expires_at
+                .is_some_and(|at| at <= std::time::SystemTime::now())
+            {
                 return Err(Closing::TokenExpired);
             }
             // Topics take turns, so one busy topic cannot starve the others.
@@ -348,7 +326,8 @@ impl Conn {
                 tokio::select! {
                     first = delivery => Woke::Delivery(first),
                     _ = self.heartbeat.tick() => Woke::Heartbeat,
-                    closing = &mut self.closing => Woke::Closing(closing),
+                    () = self.shutdown.started() => Woke::Shutdown,
+                    () = self.principal.expiry() => Woke::TokenExpired,
                 }
             };
             match woke {
@@ -365,7 +344,8 @@ impl Conn {
                     self.quiet_until = now + self.heartbeat.period();
                     return Ok(Bytes::from_static(b": heartbeat\n\n"));
                 }
-                Woke::Closing(closing) => return Err(closing),
+                Woke::Shutdown => return Err(Closing::Shutdown),
+                Woke::TokenExpired => return Err(Closing::TokenExpired),
             }
         }
     }
