@@ -3,6 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context as _;
+
 use crate::{
     auth::Auth,
     bus::{Bus, MemoryBus, NatsBus},
@@ -89,7 +91,8 @@ impl Context {
             metrics.clone(),
             workers,
             settings.commit_max_events,
-        );
+        )
+        .context("cannot start the commit workers' thread")?;
         let retention = Retention {
             max_age: settings.retention_age,
             max_count: settings.retention_count,

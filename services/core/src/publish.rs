@@ -66,14 +66,14 @@ struct Worker {
 
 impl Publisher {
     /// Starts `workers` commit workers on a thread of their own (see
-    /// [`run_on_commit_thread`]).
+    /// [`run_on_commit_thread`]); fails when that thread cannot be started.
     pub fn start(
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
         workers: usize,
         max_events: usize,
-    ) -> Publisher {
+    ) -> std::io::Result<Publisher> {
         let (tx, rx) = mpsc::channel(16 * 1024);
         let rx = Arc::new(Mutex::new(rx));
         let workers = (0..workers.max(1))
@@ -85,8 +85,8 @@ impl Publisher {
                 max_events: max_events.max(1),
             })
             .collect();
-        run_on_commit_thread(workers);
-        Publisher { tx }
+        run_on_commit_thread(workers)?;
+        Ok(Publisher { tx })
     }
 
     /// Commits `events` atomically (all or none) and answers once committed.
@@ -130,22 +130,11 @@ impl Publisher {
 /// The runtime lives as long as the process: database connections the
 /// workers open are driven by it, and they go back to the pool that every
 /// other task uses.
-fn run_on_commit_thread(workers: Vec<Worker>) {
+fn run_on_commit_thread(workers: Vec<Worker>) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("rt-commit")
-        .build();
-    let runtime = match runtime {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot build the commit runtime; committing on the current one");
-            for worker in workers {
-                tokio::spawn(worker.run());
-            }
-            return;
-        }
-    };
-    let started = std::thread::Builder::new()
+        .build()?;
+    std::thread::Builder::new()
         .name("rt-commit".into())
         .spawn(move || {
             runtime.block_on(async move {
@@ -154,11 +143,8 @@ fn run_on_commit_thread(workers: Vec<Worker>) {
                 }
                 std::future::pending::<()>().await;
             });
-        });
-    if let Err(e) = started {
-        // The workers went with the closure: nothing would ever commit.
-        panic!("cannot start the commit thread: {e}");
-    }
+        })?;
+    Ok(())
 }
 
 impl Worker {
