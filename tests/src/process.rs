@@ -102,7 +102,8 @@ impl ServiceProcess {
         format!("{}{path}", self.base)
     }
 
-    /// Sends SIGTERM and waits (up to 20 s) for the process to exit.
+    /// Sends SIGTERM and waits (up to 20 s) for the process to exit; fails
+    /// when it panicked on the way out, even if it exited cleanly.
     pub fn terminate(mut self) -> ExitStatus {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status();
@@ -110,6 +111,7 @@ impl ServiceProcess {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the process") {
+                self.assert_no_panic();
                 return status;
             }
             if Instant::now() > deadline {
@@ -120,6 +122,25 @@ impl ServiceProcess {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl ServiceProcess {
+    /// Reads what an exited process logged to the end of its output, and
+    /// fails if a thread of it panicked (a task that panics is dropped, and
+    /// what it owed its client with it).
+    fn assert_no_panic(&self) {
+        let mut rest = Vec::new();
+        // The readers stop at the end of the pipes, which the exit closes.
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            rest.push(line);
+        }
+        if let Some(at) = rest.iter().position(|l| l.contains("panicked at")) {
+            panic!(
+                "the process panicked while it ran or stopped:\n{}",
+                rest[at..].join("\n")
+            );
         }
     }
 }

@@ -85,8 +85,15 @@ async fn on_sigterm_a_direct_stream_gets_its_closing_words_before_the_exit() {
     );
     let mut rest = String::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(Some(chunk)) = res.chunk().await {
-            rest.push_str(&String::from_utf8_lossy(&chunk));
+        loop {
+            match res.chunk().await {
+                Ok(Some(chunk)) => rest.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) => break,
+                Err(e) => {
+                    rest.push_str(&format!("[the stream failed: {e:?}]"));
+                    break;
+                }
+            }
         }
     });
     assert!(read.await.is_ok(), "the stream ended; got {rest:?}");

@@ -203,8 +203,14 @@ struct Conn {
     position: Position,
     /// Fires at `quiet_until` at the earliest; moved there lazily, when it
     /// fires early, rather than reset on every chunk (a timer reset per
-    /// event per stream is measurable at thousands of streams).
-    heartbeat: tokio::time::Interval,
+    /// event per stream is measurable at thousands of streams). Made at the
+    /// stream's first wait, on the runtime that serves it: a timer belongs
+    /// to the runtime it was made on, and a stream the connection front
+    /// serves is admitted on an HTTP worker whose runtime stops first at
+    /// shutdown (its timers then panic instead of firing).
+    heartbeat: Option<tokio::time::Interval>,
+    /// The heartbeat's period.
+    every: Duration,
     /// No heartbeat is due before this: the last chunk plus the interval.
     quiet_until: tokio::time::Instant,
     shutdown: Shutdown,
@@ -230,13 +236,12 @@ impl Conn {
             .collect();
         let every = ctx.settings.sse_heartbeat.max(Duration::from_millis(100));
         let quiet_until = tokio::time::Instant::now() + every;
-        let mut heartbeat = tokio::time::interval_at(quiet_until, every);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ctx.metrics.streams_open.with_label_values(&["sse"]).inc();
         Conn {
             followers,
             position,
-            heartbeat,
+            heartbeat: None,
+            every,
             quiet_until,
             shutdown: ctx.shutdown.clone(),
             metrics: ctx.metrics.clone(),
@@ -300,7 +305,7 @@ impl Conn {
                 }
             }
             if !buf.is_empty() {
-                self.quiet_until = tokio::time::Instant::now() + self.heartbeat.period();
+                self.quiet_until = tokio::time::Instant::now() + self.every;
                 return Ok(buf.freeze());
             }
             let mut read = false;
@@ -323,9 +328,15 @@ impl Conn {
                         }
                     }
                 };
+                let (every, quiet_until) = (self.every, self.quiet_until);
+                let heartbeat = self.heartbeat.get_or_insert_with(|| {
+                    let mut timer = tokio::time::interval_at(quiet_until, every);
+                    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    timer
+                });
                 tokio::select! {
                     first = delivery => Woke::Delivery(first),
-                    _ = self.heartbeat.tick() => Woke::Heartbeat,
+                    _ = heartbeat.tick() => Woke::Heartbeat,
                     () = self.shutdown.started() => Woke::Shutdown,
                     () = self.principal.expiry() => Woke::TokenExpired,
                 }
@@ -338,10 +349,12 @@ impl Conn {
                 Woke::Heartbeat => {
                     let now = tokio::time::Instant::now();
                     if now < self.quiet_until {
-                        self.heartbeat.reset_at(self.quiet_until);
+                        if let Some(heartbeat) = &mut self.heartbeat {
+                            heartbeat.reset_at(self.quiet_until);
+                        }
                         continue;
                     }
-                    self.quiet_until = now + self.heartbeat.period();
+                    self.quiet_until = now + self.every;
                     return Ok(Bytes::from_static(b": heartbeat\n\n"));
                 }
                 Woke::Shutdown => return Err(Closing::Shutdown),
