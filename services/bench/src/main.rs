@@ -59,6 +59,7 @@ mod server;
 mod sse;
 mod sse_client;
 mod ws;
+mod ws_client;
 
 use clap::{Parser, Subcommand};
 

@@ -289,7 +289,7 @@ impl SseStream {
 /// An I/O error reading the socket: the connection broke, as opposed to
 /// the server sending something that is not an event stream.
 #[derive(Debug)]
-pub(crate) struct TransportError(std::io::Error);
+pub(crate) struct TransportError(pub(crate) std::io::Error);
 
 impl std::fmt::Display for TransportError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

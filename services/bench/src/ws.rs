@@ -37,6 +37,7 @@
 
 use std::{
     collections::VecDeque,
+    net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -56,11 +57,15 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, protocol::WebSocketConfig},
 };
 
-use crate::server::{
-    self, Binaries, Burst, CpuMark, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout,
-    Firsts, Idle, Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather,
-    gather_last_done, gather_latencies, latency_events, mib, ms, now_us, open_files_limit,
-    print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
+use crate::{
+    server::{
+        self, Binaries, Burst, CpuMark, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout,
+        Firsts, Idle, Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather,
+        gather_last_done, gather_latencies, latency_events, mib, ms, now_us, open_files_limit,
+        print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
+    },
+    sse_client::is_transport,
+    ws_client::{Incoming, WsStream},
 };
 
 #[derive(clap::Args)]
@@ -145,8 +150,8 @@ struct Figure {
 /// What every subscribed socket of a run is told.
 struct Plan {
     topic: String,
-    /// `ws://.../v1/ws`.
-    url: String,
+    /// The server (its `/v1/ws`).
+    addr: SocketAddr,
     /// Seqs 1..=latency_events are the latency scenario's.
     latency_events: u64,
     /// The burst's last seq.
@@ -307,7 +312,7 @@ async fn measure(
     let latency_events = latency_events(args.rate, args.seconds);
     let ws_url = format!("{}/v1/ws", server.url("").replacen("http://", "ws://", 1));
     let plan = Arc::new(Plan {
-        url: ws_url.clone(),
+        addr: server.addr()?,
         topic,
         latency_events,
         last_seq: latency_events + args.burst,
@@ -460,81 +465,82 @@ async fn follow(
     let mut hist = Histogram::<u32>::new(2)?;
     let mut last = 0;
     loop {
-        let text = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Binary(_))) => anyhow::bail!("got a binary frame after seq {last}"),
-            Some(Ok(Message::Close(frame))) => {
-                let why = frame.map_or_else(
-                    || "a close without a code".to_owned(),
-                    |f| format!("{} {}", u16::from(f.code), f.reason),
-                );
-                drops.closed(format!("after seq {last}: {why}"));
-                let _permit = gate.acquire().await?;
-                ws = subscribe(plan, Some(last))
-                    .await
-                    .with_context(|| format!("reconnecting after seq {last}"))?;
-                continue;
-            }
-            Some(Err(e)) => {
-                drops.broken(format!(
-                    "{:#}",
-                    anyhow::Error::new(e).context(format!("after seq {last}"))
-                ));
-                let _permit = gate.acquire().await?;
-                ws = subscribe(plan, Some(last))
-                    .await
-                    .with_context(|| format!("reconnecting after seq {last}"))?;
-                continue;
-            }
-            None => {
-                drops.broken(format!(
-                    "after seq {last}: the socket ended without a close"
-                ));
-                let _permit = gate.acquire().await?;
-                ws = subscribe(plan, Some(last))
-                    .await
-                    .with_context(|| format!("reconnecting after seq {last}"))?;
-                continue;
-            }
-        };
-        let received = now_us();
-        let frame: Frame = serde_json::from_str(&text)
-            .with_context(|| format!("frame {text:?} after seq {last}"))?;
-        anyhow::ensure!(
-            frame.op == "event"
-                && frame.topic == Some(plan.topic.as_str())
-                && frame.event_type == Some("message"),
-            "got {text} after seq {last}"
-        );
-        let seq = frame
-            .seq
-            .with_context(|| format!("an event without a seq after seq {last}: {text}"))?;
-        anyhow::ensure!(
-            seq == last + 1 && seq <= plan.last_seq,
-            "got seq {seq} after seq {last} (expected {}, the last being {})",
-            last + 1,
-            plan.last_seq
-        );
-        last = seq;
-        if seq <= plan.latency_events {
-            let data = frame
-                .data
-                .with_context(|| format!("event {seq} has no data: {text}"))?;
-            let sent: Sent = serde_json::from_str(data.get())
-                .with_context(|| format!("event {seq} data {:?}", data.get()))?;
-            hist.record(received.saturating_sub(sent.sent_us))?;
-            if seq == plan.latency_events {
-                let done = std::mem::replace(&mut hist, Histogram::new(2)?);
-                if tx.send(Msg::Latency(Box::new(done))).is_err() {
+        match ws.next().await {
+            Ok(Some(Incoming::Text(text))) => {
+                if !on_event(plan, text, &mut last, &mut hist, tx)? {
                     return Ok(());
                 }
+                continue;
+            }
+            Ok(Some(Incoming::Binary(_))) => anyhow::bail!("got a binary frame after seq {last}"),
+            Ok(Some(Incoming::Close(close))) => {
+                let why = close.map_or_else(
+                    || "a close without a code".to_owned(),
+                    |(code, reason)| format!("{code} {reason}"),
+                );
+                drops.closed(format!("after seq {last}: {why}"));
+            }
+            Ok(None) => drops.broken(format!(
+                "after seq {last}: the socket ended without a close"
+            )),
+            Err(e) if is_transport(&e) => {
+                drops.broken(format!("{:#}", e.context(format!("after seq {last}"))));
+            }
+            Err(e) => return Err(e.context(format!("reading the socket after seq {last}"))),
+        }
+        let _permit = gate.acquire().await?;
+        ws = subscribe(plan, Some(last))
+            .await
+            .with_context(|| format!("reconnecting after seq {last}"))?;
+    }
+}
+
+/// One event frame read by [`follow`]: checks it comes next, records its
+/// latency and reports what the run waits for; false once the run stopped
+/// listening.
+fn on_event(
+    plan: &Plan,
+    text: &[u8],
+    last: &mut u64,
+    hist: &mut Histogram<u32>,
+    tx: &UnboundedSender<Msg>,
+) -> anyhow::Result<bool> {
+    let received = now_us();
+    let shown = || String::from_utf8_lossy(text);
+    let frame: Frame = serde_json::from_slice(text)
+        .with_context(|| format!("frame {:?} after seq {last}", shown()))?;
+    anyhow::ensure!(
+        frame.op == "event"
+            && frame.topic == Some(plan.topic.as_str())
+            && frame.event_type == Some("message"),
+        "got {} after seq {last}",
+        shown()
+    );
+    let seq = frame
+        .seq
+        .with_context(|| format!("an event without a seq after seq {last}: {}", shown()))?;
+    anyhow::ensure!(
+        seq == *last + 1 && seq <= plan.last_seq,
+        "got seq {seq} after seq {last} (expected {}, the last being {})",
+        *last + 1,
+        plan.last_seq
+    );
+    *last = seq;
+    if seq <= plan.latency_events {
+        let data = frame
+            .data
+            .with_context(|| format!("event {seq} has no data: {}", shown()))?;
+        let sent: Sent = serde_json::from_str(data.get())
+            .with_context(|| format!("event {seq} data {:?}", data.get()))?;
+        hist.record(received.saturating_sub(sent.sent_us))?;
+        if seq == plan.latency_events {
+            let done = std::mem::replace(hist, Histogram::new(2)?);
+            if tx.send(Msg::Latency(Box::new(done))).is_err() {
+                return Ok(false);
             }
         }
-        if seq == plan.last_seq && tx.send(Msg::Done(Instant::now())).is_err() {
-            return Ok(());
-        }
     }
+    Ok(!(seq == plan.last_seq && tx.send(Msg::Done(Instant::now())).is_err()))
 }
 
 /// Connects to `url` without Nagle's delay (frames are small and each is
@@ -566,33 +572,42 @@ async fn connect(url: &str, config: WebSocketConfig) -> anyhow::Result<Socket> {
 /// Opens a socket to the plan's server and subscribes it to the topic (after
 /// `after`, or from now on), waiting for the subscription's ack, which must
 /// name `after` (0, the topic being fresh, when none is given).
-async fn subscribe(plan: &Plan, after: Option<u64>) -> anyhow::Result<Socket> {
-    // Reads come in small frames; the default 128 KiB read buffer, allocated
-    // up front, would cost the bench over a GiB at 10,000 sockets.
-    let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
-    let mut ws = connect(&plan.url, config).await?;
+async fn subscribe(plan: &Plan, after: Option<u64>) -> anyhow::Result<WsStream> {
+    let opened = tokio::time::timeout(OPEN_WAIT, WsStream::open(plan.addr, "/v1/ws"));
+    let mut ws = opened
+        .await
+        .map_err(|_| anyhow::anyhow!("no WebSocket handshake within {} s", OPEN_WAIT.as_secs()))?
+        .context("WebSocket connect")?;
     let mut frame = json!({"op": "subscribe", "topic": plan.topic, "ref": SUBSCRIBE_REF});
     if let Some(after) = after {
         frame["after"] = after.into();
     }
-    ws.send(Message::Text(frame.to_string().into()))
+    ws.send_text(frame.to_string().as_bytes())
         .await
         .context("sending the subscribe frame")?;
-    let text = next_text(&mut ws, OPEN_WAIT)
+    let answer = tokio::time::timeout(OPEN_WAIT, ws.next())
         .await
+        .map_err(|_| anyhow::anyhow!("no subscription ack within {} s", OPEN_WAIT.as_secs()))?
         .context("waiting for the subscription ack")?;
-    let ack: Frame =
-        serde_json::from_str(&text).with_context(|| format!("subscription answer {text:?}"))?;
+    let text = match answer {
+        Some(Incoming::Text(text)) => text,
+        other => anyhow::bail!("the subscription was answered with {other:?}"),
+    };
+    let shown = || String::from_utf8_lossy(text);
+    let ack: Frame = serde_json::from_slice(text)
+        .with_context(|| format!("subscription answer {:?}", shown()))?;
     let expected = after.unwrap_or(0);
     anyhow::ensure!(
         ack.op == "ack"
             && ack.reference == Some(SUBSCRIBE_REF)
             && ack.topic == Some(plan.topic.as_str()),
-        "the subscription was answered with {text}"
+        "the subscription was answered with {}",
+        shown()
     );
     anyhow::ensure!(
         ack.after == Some(expected),
-        "the subscription ack should start after {expected}: {text}"
+        "the subscription ack should start after {expected}: {}",
+        shown()
     );
     Ok(ws)
 }
