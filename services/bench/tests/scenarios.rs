@@ -1,0 +1,108 @@
+//! `rt-bench sse` and `rt-bench ws` end to end, small: the bench starts the
+//! all-in-one `realtime` built beside it (the workspace's test build has
+//! it), over a database of its own on the test Postgres and over NATS, and
+//! its clients must read every event of every scenario exactly once.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `rt-bench <scenario>` on 20 connections, one run, and returns its
+/// JSON lines by scenario name (`latency`, `saturation`, ...).
+fn run(scenario: &str) -> Vec<(String, Value)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_rt-bench"))
+        .args([
+            scenario,
+            "--connections",
+            "20",
+            "--runs",
+            "1",
+            "--rate",
+            "50",
+            "--seconds",
+            "1",
+            "--burst",
+            "200",
+            "--batch",
+            "50",
+            "--settle-ms",
+            "100",
+            "--timeout",
+            "60",
+            "--quiet",
+            "--database-url",
+            &rt_tests::postgres_admin_url(),
+            "--nats-url",
+            &rt_tests::nats_url(),
+        ])
+        .output()
+        .expect("rt-bench runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "rt-bench {scenario} failed ({}); if Postgres or NATS is not running, \
+         `bash scripts/test.sh` starts them:\n{stderr}\n{stdout}",
+        out.status
+    );
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            let name = v["name"].as_str().unwrap_or_default();
+            (name.split(',').next().unwrap_or_default().to_owned(), v)
+        })
+        .collect()
+}
+
+fn figure<'a>(lines: &'a [(String, Value)], name: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no {name:?} line in {lines:?}"))
+}
+
+/// What both edges' reports must show: latencies measured, a burst
+/// delivered, and none of the `reconnects` counted (nothing closed or broken
+/// on the way).
+fn check_common(lines: &[(String, Value)], reconnects: [&str; 2]) {
+    let idle = figure(lines, "idle memory");
+    assert_eq!(idle["connections"], 20, "{idle}");
+    let latency = figure(lines, "latency");
+    assert_eq!(latency["events"], 50, "{latency}");
+    let (p50, p99) = (latency["p50_ms"].as_f64(), latency["p99_ms"].as_f64());
+    assert!(
+        p50.is_some_and(|p| p > 0.0) && p99 >= p50,
+        "latency percentiles: {latency}"
+    );
+    assert!(latency["publish_p99_ms"].as_f64() > Some(0.0), "{latency}");
+    let burst = figure(lines, "saturation");
+    assert!(burst["deliveries_per_sec"].as_f64() > Some(0.0), "{burst}");
+    for counted in reconnects {
+        assert_eq!(burst[counted], 0, "{counted}: {burst}");
+    }
+}
+
+#[test]
+fn ws_reads_every_event_on_every_socket() {
+    let lines = run("ws");
+    check_common(
+        &lines,
+        ["sockets_closed_and_resumed", "sockets_broken_and_resumed"],
+    );
+    let acks = figure(&lines, "publish ack");
+    assert!(acks["publishes_per_sec"].as_f64() > Some(0.0), "{acks}");
+}
+
+#[test]
+fn sse_reads_every_event_on_every_stream() {
+    let lines = run("sse");
+    check_common(
+        &lines,
+        ["streams_ended_and_resumed", "streams_broken_and_resumed"],
+    );
+}
