@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    time::{Duration, timeout},
 };
 
 /// Longest response head accepted.
@@ -107,6 +108,73 @@ impl Http1 {
         }
         anyhow::ensure!(self.buf.len() == end, "bytes after the response body");
         Ok((status, (head_end, end), close))
+    }
+}
+
+/// Bytes read from a socket at a time by the streaming clients.
+const READ: usize = 16 * 1024;
+
+/// A response head read on a fresh connection, for the streaming clients
+/// (SSE, WebSocket): the socket, the bytes read so far (the head, then
+/// whatever came after it) and where the head ends in them.
+pub(crate) struct Opened {
+    pub(crate) socket: TcpStream,
+    pub(crate) wire: Vec<u8>,
+    pub(crate) head_end: usize,
+}
+
+impl Opened {
+    /// Connects to `addr` without Nagle's delay (the streams' frames are
+    /// small and each is waited for), sends `request` (a whole head), and
+    /// reads until the response head is whole.
+    pub(crate) async fn request(addr: SocketAddr, request: &str) -> anyhow::Result<Opened> {
+        let mut socket = timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .context("connect timed out")?
+            .context("connect")?;
+        socket.set_nodelay(true)?;
+        socket.write_all(request.as_bytes()).await?;
+        let mut wire = Vec::with_capacity(READ);
+        let head_end = loop {
+            if let Some(end) = head_end(&wire) {
+                break end;
+            }
+            anyhow::ensure!(wire.len() < LONGEST_HEAD, "response head too long");
+            wire.reserve(READ);
+            let read = timeout(Duration::from_secs(30), socket.read_buf(&mut wire))
+                .await
+                .context("no response head within 30 s")??;
+            anyhow::ensure!(read > 0, "closed before the response head");
+        };
+        Ok(Opened {
+            socket,
+            wire,
+            head_end,
+        })
+    }
+
+    pub(crate) fn head(&self) -> anyhow::Result<Head<'_>> {
+        Head::parse(&self.wire[..self.head_end])
+    }
+
+    /// An answer the client cannot use: its status line and the start of
+    /// its body (read for up to 2 s more), for the error message.
+    pub(crate) async fn refusal(mut self) -> String {
+        let (status_line, length) = match self.head() {
+            Ok(head) => (head.status_line.to_owned(), head.content_length),
+            Err(e) => return format!("{e:#}"),
+        };
+        let want = self.head_end + length.unwrap_or(0).min(4096);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.wire.len() < want {
+            let read = self.socket.read_buf(&mut self.wire);
+            match tokio::time::timeout_at(give_up, read).await {
+                Ok(Ok(read)) if read > 0 => {}
+                _ => break,
+            }
+        }
+        let body = String::from_utf8_lossy(&self.wire[self.head_end..]);
+        format!("{status_line}: {}", body.trim())
     }
 }
 

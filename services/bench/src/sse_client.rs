@@ -22,14 +22,14 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::TcpStream,
     sync::{Semaphore, mpsc::UnboundedSender},
     time::{Duration, timeout},
 };
 
 use crate::{
-    http1::{Head, head_end},
+    http1::Opened,
     server::{Drops, Msg, now_us},
 };
 
@@ -90,48 +90,16 @@ impl SseStream {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<SseStream> {
-        let mut socket = timeout(Duration::from_secs(10), TcpStream::connect(addr))
-            .await
-            .context("connect timed out")?
-            .context("connect")?;
-        socket.set_nodelay(true)?;
         let mut request =
             format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n");
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
         request.push_str("\r\n");
-        socket.write_all(request.as_bytes()).await?;
-
-        let mut wire = Vec::with_capacity(READ);
-        let head_end = loop {
-            if let Some(end) = head_end(&wire) {
-                break end;
-            }
-            anyhow::ensure!(wire.len() < LONGEST_LINE, "response head too long");
-            wire.reserve(READ);
-            let read = timeout(Duration::from_secs(30), socket.read_buf(&mut wire))
-                .await
-                .context("no response head within 30 s")??;
-            anyhow::ensure!(read > 0, "closed before the response head");
-        };
-        let head = Head::parse(&wire[..head_end])?;
-        let chunked = head.chunked();
+        let opened = Opened::request(addr, &request).await?;
+        let head = opened.head()?;
         if head.status != 200 {
-            let status_line = head.status_line.to_owned();
-            // The error body (its start), for the message.
-            let want = head_end + head.content_length.unwrap_or(0).min(4096);
-            let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
-            while wire.len() < want {
-                match tokio::time::timeout_at(give_up, socket.read_buf(&mut wire)).await {
-                    Ok(Ok(read)) if read > 0 => {}
-                    _ => break,
-                }
-            }
-            anyhow::bail!(
-                "{status_line}: {}",
-                String::from_utf8_lossy(&wire[head_end..]).trim()
-            );
+            anyhow::bail!("{}", opened.refusal().await);
         }
         anyhow::ensure!(
             head.content_type.starts_with("text/event-stream"),
@@ -139,6 +107,12 @@ impl SseStream {
             head.status_line,
             head.content_type
         );
+        let chunked = head.chunked();
+        let Opened {
+            socket,
+            mut wire,
+            head_end,
+        } = opened;
         wire.drain(..head_end);
         let mut stream = SseStream {
             socket,
@@ -504,7 +478,7 @@ async fn open(plan: &Plan, last_event_id: Option<&str>) -> anyhow::Result<SseStr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncWriteExt as _, net::TcpListener};
 
     /// Serves `reply` (head and body as given, then closes) to one request.
     async fn serve(reply: Vec<u8>) -> SocketAddr {

@@ -22,16 +22,13 @@ use rand_core::{OsRng, RngCore as _};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    time::{Duration, timeout},
 };
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
-use crate::{http1::Head, sse_client::TransportError};
+use crate::{http1::Opened, sse_client::TransportError};
 
 /// Bytes read from the socket at a time.
 const READ: usize = 16 * 1024;
-/// Longest response head accepted.
-const LONGEST_HEAD: usize = 16 * 1024;
 /// Largest message accepted (the server's frames are small; a bigger one
 /// means a framing error, not an event).
 const LARGEST_MESSAGE: usize = 16 * 1024 * 1024;
@@ -78,47 +75,22 @@ struct Header {
 impl WsStream {
     /// Connects to `addr` and opens a WebSocket on `path`.
     pub(crate) async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<WsStream> {
-        let mut socket = timeout(Duration::from_secs(10), TcpStream::connect(addr))
-            .await
-            .context("connect timed out")?
-            .context("connect")?;
-        socket.set_nodelay(true)?;
         let key = generate_key();
         let request = format!(
             "GET {path} HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\n\
              connection: Upgrade\r\nsec-websocket-key: {key}\r\n\
              sec-websocket-version: 13\r\n\r\n"
         );
-        socket.write_all(request.as_bytes()).await?;
-
-        let mut wire = Vec::with_capacity(READ);
-        let head_end = loop {
-            if let Some(end) = crate::http1::head_end(&wire) {
-                break end;
-            }
-            anyhow::ensure!(wire.len() < LONGEST_HEAD, "response head too long");
-            wire.reserve(READ);
-            let read = timeout(Duration::from_secs(30), socket.read_buf(&mut wire))
-                .await
-                .context("no response head within 30 s")??;
-            anyhow::ensure!(read > 0, "closed before the response head");
-        };
-        let head = Head::parse(&wire[..head_end])?;
-        if head.status != 101 {
-            let status_line = head.status_line.to_owned();
-            let want = head_end + head.content_length.unwrap_or(0).min(4096);
-            let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
-            while wire.len() < want {
-                match tokio::time::timeout_at(give_up, socket.read_buf(&mut wire)).await {
-                    Ok(Ok(read)) if read > 0 => {}
-                    _ => break,
-                }
-            }
-            anyhow::bail!(
-                "the WebSocket handshake was answered {status_line}: {}",
-                String::from_utf8_lossy(&wire[head_end..]).trim()
-            );
+        let opened = Opened::request(addr, &request).await?;
+        if opened.head()?.status != 101 {
+            let refusal = opened.refusal().await;
+            anyhow::bail!("the WebSocket handshake was answered {refusal}");
         }
+        let Opened {
+            socket,
+            wire,
+            head_end,
+        } = opened;
         let accept = header(&wire[..head_end], "sec-websocket-accept");
         let expected = derive_accept_key(key.as_bytes());
         anyhow::ensure!(
