@@ -1,14 +1,17 @@
 //! The edges against the raw ceiling, in one invocation.
 //!
-//! `rt-bench compare` re-executes this binary three times per connection
+//! `rt-bench compare` re-executes this binary four times per connection
 //! count, one child after the other (never at once: client and server already
-//! share the machine's cores): `rt-bench raw`, then `rt-bench sse`, then
-//! `rt-bench ws`, each with `--connections N --runs R --quiet` (and
-//! `--nats-url` / `--database-url` / `--distributed` for the two edges when
-//! given; the ceiling runs the same either way). It reads the
-//! JSON lines the children print (other lines are skipped), and reports every
-//! edge figure next to the ceiling's from the same invocation, and as a ratio
-//! of it, against the project's targets:
+//! share the machine's cores): `rt-bench raw --wire sse`, `rt-bench sse`,
+//! `rt-bench raw --wire ws`, then `rt-bench ws`, each with `--connections N
+//! --runs R --quiet` (and `--nats-url` / `--database-url` / `--distributed`
+//! for the two edges when given; the ceiling runs the same either way). Each
+//! edge is held to the ceiling of its own wire, read by the same client
+//! code, so that what the bench's client spends per event weighs alike on
+//! both sides of a ratio. It reads the JSON lines the children print (other
+//! lines are skipped), and reports every edge figure next to its ceiling's
+//! from the same invocation, and as a ratio of it, against the project's
+//! targets:
 //!
 //! - burst deliveries/s at least 0.5× the ceiling's (at 1,000 connections);
 //! - latency p99 at most 2× the ceiling's;
@@ -34,8 +37,41 @@ use crate::server::{check_distributed, deployment_name};
 /// Lines of a child's stderr kept for an error message.
 const STDERR_TAIL: usize = 20;
 
-/// The techniques, in the order they run.
-const TECHNIQUES: [&str; 3] = ["raw", "sse", "ws"];
+/// One child of a comparison.
+#[derive(Clone, Copy)]
+struct Step {
+    /// Its name in the report.
+    label: &'static str,
+    /// The rt-bench scenario it runs.
+    scenario: &'static str,
+    /// The ceiling's wire (`raw --wire`).
+    wire: Option<&'static str>,
+}
+
+/// The children, in the order they run: each edge after the ceiling of its
+/// wire.
+const STEPS: [Step; 4] = [
+    Step {
+        label: "raw-sse",
+        scenario: "raw",
+        wire: Some("sse"),
+    },
+    Step {
+        label: "sse",
+        scenario: "sse",
+        wire: None,
+    },
+    Step {
+        label: "raw-ws",
+        scenario: "raw",
+        wire: Some("ws"),
+    },
+    Step {
+        label: "ws",
+        scenario: "ws",
+        wire: None,
+    },
+];
 
 /// Deliveries/s of an edge over the ceiling's: at least this.
 const DELIVERIES_TARGET: f64 = 0.5;
@@ -48,8 +84,8 @@ const KIB_TARGET: f64 = 8.0;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Connection counts to compare at, comma-separated; raw, sse and ws run
-    /// in turn for each.
+    /// Connection counts to compare at, comma-separated; the two ceilings and
+    /// the two edges run in turn for each.
     #[arg(long, value_delimiter = ',', default_value = "1000")]
     connections: Vec<usize>,
     /// Runs per connection count, passed to each scenario (each reports the
@@ -179,9 +215,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut reports = Vec::new();
     for &n in &args.connections {
-        let mut figures = [Figures::default(); 3];
-        for (slot, technique) in figures.iter_mut().zip(TECHNIQUES) {
-            let child_args = child_args(&args, technique, n);
+        let mut figures = [Figures::default(); 4];
+        for (slot, step) in figures.iter_mut().zip(STEPS) {
+            let child_args = child_args(&args, step, n);
             if !args.quiet {
                 eprintln!(
                     "compare: {n} connections: running rt-bench {} ...",
@@ -190,16 +226,21 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             }
             let exe = exe.clone();
             let quiet = args.quiet;
-            let output =
-                tokio::task::spawn_blocking(move || run_child(&exe, technique, &child_args, quiet))
-                    .await??;
+            let output = tokio::task::spawn_blocking(move || {
+                run_child(&exe, step.label, &child_args, quiet)
+            })
+            .await??;
             // The edges must have run as asked; the ceiling has no deployment.
-            let deployment = (technique != "raw").then(|| deployment_name(args.distributed));
-            *slot = figures_of(&output, technique, n, deployment)?;
+            let deployment = step
+                .wire
+                .is_none()
+                .then(|| deployment_name(args.distributed));
+            *slot = figures_of(&output, step, n, deployment)?;
             if !args.quiet {
                 eprintln!(
-                    "compare: {n} connections: {technique} done in {:.1} s \
+                    "compare: {n} connections: {} done in {:.1} s \
                      ({:.1} KiB/idle connection, p99 {:.2} ms, {} deliveries/s)",
+                    step.label,
                     slot.elapsed_secs,
                     slot.kib(),
                     slot.p99_ms,
@@ -227,7 +268,7 @@ fn plot(
     dir: &Path,
     args: &Args,
     bus: &str,
-    reports: &[(usize, [Figures; 3])],
+    reports: &[(usize, [Figures; 4])],
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let series = |label: &str, i: usize, get: fn(&Figures) -> f64| Series {
@@ -238,14 +279,14 @@ fn plot(
             .collect(),
     };
     let mut latency = Vec::new();
-    for (i, technique) in TECHNIQUES.iter().enumerate() {
-        latency.push(series(&format!("{technique} p50"), i, |f| f.p50_ms));
-        latency.push(series(&format!("{technique} p99"), i, |f| f.p99_ms));
+    for (i, step) in STEPS.iter().enumerate() {
+        latency.push(series(&format!("{} p50", step.label), i, |f| f.p50_ms));
+        latency.push(series(&format!("{} p99", step.label), i, |f| f.p99_ms));
     }
-    let deliveries: Vec<Series> = TECHNIQUES
+    let deliveries: Vec<Series> = STEPS
         .iter()
         .enumerate()
-        .map(|(i, technique)| series(technique, i, |f| f.deliveries_per_sec))
+        .map(|(i, step)| series(step.label, i, |f| f.deliveries_per_sec))
         .collect();
     let latency_path = dir.join("latency.svg");
     plot::lines(
@@ -279,9 +320,9 @@ fn plot(
 }
 
 /// The command line of one child, without the executable.
-fn child_args(args: &Args, technique: &str, n: usize) -> Vec<String> {
+fn child_args(args: &Args, step: Step, n: usize) -> Vec<String> {
     let mut out = vec![
-        technique.to_owned(),
+        step.scenario.to_owned(),
         "--connections".to_owned(),
         n.to_string(),
         "--runs".to_owned(),
@@ -290,7 +331,9 @@ fn child_args(args: &Args, technique: &str, n: usize) -> Vec<String> {
         args.rate.to_string(),
         "--quiet".to_owned(),
     ];
-    if technique != "raw" {
+    if let Some(wire) = step.wire {
+        out.extend(["--wire".to_owned(), wire.to_owned()]);
+    } else {
         if let Some(url) = &args.nats_url {
             out.extend(["--nats-url".to_owned(), url.clone()]);
         }
@@ -401,14 +444,15 @@ fn indent(lines: &[String]) -> String {
         .join("\n")
 }
 
-/// The figures of `technique` at `n` connections in a child's output, which
-/// must say it ran as `deployment` when one is given.
+/// The figures of `step` at `n` connections in a child's output, which must
+/// say it ran as `deployment` when one is given, and on the step's wire.
 fn figures_of(
     output: &ChildOutput,
-    technique: &str,
+    step: Step,
     n: usize,
     deployment: Option<&str>,
 ) -> anyhow::Result<Figures> {
+    let technique = step.scenario;
     let find = |what: &str| -> anyhow::Result<&Map<String, Value>> {
         let name = format!("{what}, {n} connections");
         output
@@ -440,6 +484,15 @@ fn figures_of(
         })
     };
     let (idle, latency, burst) = (find("idle memory")?, find("latency")?, find("saturation")?);
+    if let Some(wire) = step.wire {
+        let ran = idle.get("wire").and_then(Value::as_str);
+        anyhow::ensure!(
+            ran == Some(wire),
+            "`{}` wrote the {} wire where {wire} was asked for",
+            output.command,
+            ran.unwrap_or("(unnamed)")
+        );
+    }
     if let Some(deployment) = deployment {
         let ran = idle.get("deployment").and_then(Value::as_str);
         anyhow::ensure!(
@@ -474,14 +527,21 @@ fn ratio(edge: f64, raw: f64) -> Option<f64> {
     (raw > 0.0).then(|| edge / raw)
 }
 
-/// The comparison lines of one edge against the ceiling, at `n` connections.
-fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> Vec<Check> {
+/// The comparison lines of one edge against its ceiling (`ceiling`, as the
+/// report names it), at `n` connections.
+fn checks(
+    technique: &'static str,
+    edge: &Figures,
+    ceiling: &str,
+    raw: &Figures,
+    n: usize,
+) -> Vec<Check> {
     let deliveries_target = (n == DELIVERIES_TARGET_AT).then_some((">=", DELIVERIES_TARGET));
     vec![
         Check {
             technique,
             key: "deliveries_per_sec_ratio",
-            label: format!("{technique}/raw burst deliveries/s"),
+            label: format!("{technique}/{ceiling} burst deliveries/s"),
             value: ratio(edge.deliveries_per_sec, raw.deliveries_per_sec),
             ratio: true,
             target: deliveries_target,
@@ -489,7 +549,7 @@ fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> V
         Check {
             technique,
             key: "p99_ratio",
-            label: format!("{technique}/raw latency p99"),
+            label: format!("{technique}/{ceiling} latency p99"),
             value: ratio(edge.p99_ms, raw.p99_ms),
             ratio: true,
             target: Some(("<=", P99_TARGET)),
@@ -497,7 +557,7 @@ fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> V
         Check {
             technique,
             key: "p50_ratio",
-            label: format!("{technique}/raw latency p50"),
+            label: format!("{technique}/{ceiling} latency p50"),
             value: ratio(edge.p50_ms, raw.p50_ms),
             ratio: true,
             target: None,
@@ -505,7 +565,7 @@ fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> V
         Check {
             technique,
             key: "kib_per_connection",
-            label: format!("{technique} KiB/idle conn (raw {:.1})", raw.kib()),
+            label: format!("{technique} KiB/idle conn ({ceiling} {:.1})", raw.kib()),
             value: Some(edge.kib()),
             ratio: false,
             target: Some(("<=", KIB_TARGET)),
@@ -513,7 +573,7 @@ fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> V
         Check {
             technique,
             key: "kib_per_connection_ratio",
-            label: format!("{technique}/raw KiB/idle conn"),
+            label: format!("{technique}/{ceiling} KiB/idle conn"),
             value: ratio(edge.bytes_per_conn, raw.bytes_per_conn),
             ratio: true,
             target: None,
@@ -521,7 +581,7 @@ fn checks(technique: &'static str, edge: &Figures, raw: &Figures, n: usize) -> V
         Check {
             technique,
             key: "burst_server_cpu_ratio",
-            label: format!("{technique}/raw burst server CPU s"),
+            label: format!("{technique}/{ceiling} burst server CPU s"),
             value: ratio(edge.server_cpu_secs, raw.server_cpu_secs),
             ratio: true,
             target: None,
@@ -542,9 +602,10 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
+fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 4])]) {
     let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
-    let order = TECHNIQUES.join(", ");
+    let labels = STEPS.map(|s| s.label);
+    let order = labels.join(", ");
     let deployment = deployment_name(args.distributed);
     println!(
         "\nEdges against the raw ceiling: each scenario in a child process of its own, \
@@ -581,7 +642,7 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
             "burst bench CPU s",
             "wall s"
         );
-        for (technique, f) in TECHNIQUES.iter().zip(figures) {
+        for (technique, f) in labels.iter().zip(figures) {
             let publisher = match (args.distributed, f.burst_publisher_cpu_secs) {
                 (false, _) => String::new(),
                 (true, None) => format!(" {:>24}", "-"),
@@ -601,14 +662,14 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
                 f.elapsed_secs
             );
         }
-        let [raw, sse, ws] = figures;
-        let all: Vec<Check> = checks("sse", sse, raw, n)
+        let [raw_sse, sse, raw_ws, ws] = figures;
+        let all: Vec<Check> = checks("sse", sse, "raw-sse", raw_sse, n)
             .into_iter()
-            .chain(checks("ws", ws, raw, n))
+            .chain(checks("ws", ws, "raw-ws", raw_ws, n))
             .collect();
         println!(
-            "\n{n} connections: edge against raw (deliveries/s: higher is better; \
-             latency, memory, CPU: lower is better)"
+            "\n{n} connections: each edge against the ceiling of its wire (deliveries/s: \
+             higher is better; latency, memory, CPU: lower is better)"
         );
         println!(
             "{:<36} {:>9} {:>9} {:>8}",
@@ -665,8 +726,9 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 3])]) {
             "scenario": "compare", "name": format!("compare, {n} connections"),
             "connections": n, "runs": args.runs, "rate": args.rate, "bus": bus,
             "deployment": deployment,
-            "order": TECHNIQUES,
-            "raw": raw.to_json(), "sse": sse.to_json(), "ws": ws.to_json(),
+            "order": labels,
+            "raw_sse": raw_sse.to_json(), "sse": sse.to_json(),
+            "raw_ws": raw_ws.to_json(), "ws": ws.to_json(),
             "ratios": ratios, "targets": targets,
             "all_targets_met": targets.iter().all(|t| t["met"] == true),
         });
@@ -701,19 +763,25 @@ mod tests {
     #[test]
     fn figures_are_read_from_json_lines() {
         let lines = [
-            r#"{"scenario":"raw","name":"idle memory, 10 connections","bytes_per_connection":2048}"#,
+            r#"{"scenario":"raw","name":"idle memory, 10 connections","bytes_per_connection":2048,"wire":"sse"}"#,
             r#"{"scenario":"raw","name":"latency, 10 connections","p50_ms":1.5,"p99_ms":3.0,"p999_ms":3.5,"max_ms":4.0,"server_cpu_secs":0.1,"bench_cpu_secs":0.2}"#,
             r#"{"scenario":"raw","name":"saturation, 10 connections","deliveries_per_sec":1000,"secs":2.0,"server_cpu_secs":0.3,"bench_cpu_secs":0.4,"peak_rss_bytes":1048576}"#,
         ];
         let output = child_output("rt-bench raw", &lines);
-        let f = figures_of(&output, "raw", 10, None).unwrap_or_default();
+        let f = figures_of(&output, STEPS[0], 10, None).unwrap_or_default();
         assert!((f.kib() - 2.0).abs() < 1e-9);
         assert!((f.p99_ms - 3.0).abs() < 1e-9);
         assert!((f.deliveries_per_sec - 1000.0).abs() < 1e-9);
         assert_eq!(f.burst_publisher_cpu_secs, None);
         assert_eq!(f.publish_p99_ms, None);
-        assert!(figures_of(&output, "raw", 11, None).is_err());
-        assert!(figures_of(&output, "sse", 10, None).is_err());
+        assert!(figures_of(&output, STEPS[0], 11, None).is_err());
+        assert!(figures_of(&output, STEPS[1], 10, None).is_err());
+        // The ceiling of the other wire.
+        let err = figures_of(&output, STEPS[2], 10, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("wrote the sse wire where ws"), "{err}");
     }
 
     #[test]
@@ -724,11 +792,11 @@ mod tests {
             r#"{"scenario":"sse","name":"saturation, 10 connections","deliveries_per_sec":1000,"secs":2.0,"server_cpu_secs":0.3,"bench_cpu_secs":0.4,"peak_rss_bytes":1048576,"publisher_cpu_secs":0.5}"#,
         ];
         let output = child_output("rt-bench sse", &lines);
-        let f = figures_of(&output, "sse", 10, Some("distributed")).unwrap_or_default();
+        let f = figures_of(&output, STEPS[1], 10, Some("distributed")).unwrap_or_default();
         assert_eq!(f.latency_publisher_cpu_secs, Some(0.25));
         assert_eq!(f.burst_publisher_cpu_secs, Some(0.5));
         assert_eq!(f.publish_p99_ms, Some(1.75));
-        let err = figures_of(&output, "sse", 10, Some("all-in-one"))
+        let err = figures_of(&output, STEPS[1], 10, Some("all-in-one"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -755,9 +823,10 @@ mod tests {
             "--nats-url",
             "nats://127.0.0.1:4222",
         ]);
-        for edge in ["sse", "ws"] {
+        for edge in [STEPS[1], STEPS[3]] {
             let child = child_args(&args, edge, 1000);
-            assert_eq!(child[0], edge);
+            assert_eq!(child[0], edge.scenario);
+            assert!(!child.iter().any(|a| a == "--wire"), "{child:?}");
             assert!(child.iter().any(|a| a == "--distributed"), "{child:?}");
             let nats = child.iter().position(|a| a == "--nats-url");
             assert_eq!(
@@ -766,15 +835,23 @@ mod tests {
                 "{child:?}"
             );
         }
-        let raw = child_args(&args, "raw", 1000);
-        assert!(
-            !raw.iter()
-                .any(|a| a == "--distributed" || a == "--nats-url"),
-            "{raw:?}"
-        );
+        for (ceiling, wire) in [(STEPS[0], "sse"), (STEPS[2], "ws")] {
+            let raw = child_args(&args, ceiling, 1000);
+            assert!(
+                !raw.iter()
+                    .any(|a| a == "--distributed" || a == "--nats-url"),
+                "{raw:?}"
+            );
+            assert_eq!(raw[0], "raw");
+            let at = raw.iter().position(|a| a == "--wire");
+            assert_eq!(
+                at.and_then(|i| raw.get(i + 1)).map(String::as_str),
+                Some(wire)
+            );
+        }
         let args = parse(&["compare", "--nats-url", "nats://127.0.0.1:4222"]);
         assert!(
-            !child_args(&args, "sse", 1000)
+            !child_args(&args, STEPS[1], 1000)
                 .iter()
                 .any(|a| a == "--distributed")
         );
@@ -794,13 +871,13 @@ mod tests {
             deliveries_per_sec: 600.0,
             ..Figures::default()
         };
-        let c = checks("sse", &edge, &raw, 1000);
+        let c = checks("sse", &edge, "raw-sse", &raw, 1000);
         let met = |key: &str| c.iter().find(|c| c.key == key).and_then(Check::met);
         assert_eq!(met("deliveries_per_sec_ratio"), Some(true));
         assert_eq!(met("p99_ratio"), Some(true));
         assert_eq!(met("kib_per_connection"), Some(false));
         assert_eq!(met("p50_ratio"), None);
-        let c = checks("sse", &edge, &raw, 10);
+        let c = checks("sse", &edge, "raw-sse", &raw, 10);
         assert_eq!(c[0].met(), None);
     }
 }

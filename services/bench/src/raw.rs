@@ -1,31 +1,40 @@
 //! The raw ceiling: what a minimal tokio server gets out of this machine
-//! writing the same pre-encoded SSE-shaped frame to N loopback sockets, with
-//! no protocol logic, so that the edges' figures can be given as a ratio of it.
+//! writing the same pre-encoded frame to N loopback sockets, with no
+//! protocol logic, so that the edges' figures can be given as a ratio of it.
+//! It writes either edge's wire (`--wire sse`, the default, or `--wire ws`),
+//! read by the same client code as that edge, so that each edge is held to
+//! a ceiling whose client costs what its own does.
 //!
 //! The ceiling server is `rt-bench raw-server` (hidden), run by `rt-bench raw`
 //! as a process of its own so that its memory and CPU are measured apart from
-//! the bench's. It listens on a free loopback port and serves two requests:
+//! the bench's. It listens on a free loopback port and serves:
 //!
-//! - `GET /stream`: answers `200` with `text/event-stream` and then writes
-//!   every frame broadcast after it, one tokio task per socket fed by a
-//!   `tokio::sync::broadcast` of `Bytes` (the frames that are ready when the
-//!   task wakes, at most `--coalesce`, go out in one write);
+//! - with `--wire sse`, `GET /stream`: answers `200` with
+//!   `text/event-stream`, then writes every frame broadcast after it;
+//! - with `--wire ws`, `GET /ws`: answers the WebSocket handshake (`101`),
+//!   waits for the client's first frame (the subscription; its content is
+//!   not read) and answers it with the ack the edge sends, then writes every
+//!   frame broadcast after it;
 //! - `POST /rate?frames=F&per_sec=R` and `POST /burst?frames=F`: broadcasts F
 //!   frames, R per second or as fast as it can, then answers `204`.
 //!
-//! A frame is encoded once and its bytes go to every socket:
-//! `id: raw:<seq>\nevent: message\ndata: {...}\n\n`, with the data shaped and
-//! sized like the edge's (`topic`, `seq`, `type`, `data.sent_us`, `time`). A
-//! socket that falls more than `--queue` frames behind is closed.
+//! One tokio task per socket, fed by a `tokio::sync::broadcast` of `Bytes`:
+//! the frames that are ready when the task wakes, at most `--coalesce`, go
+//! out in one write. A frame is encoded once and its bytes go to every
+//! socket, shaped and sized like the edge's: for SSE
+//! `id: raw:<seq>\nevent: message\ndata: {...}\n\n` (the data with `topic`,
+//! `seq`, `type`, `data.sent_us`, `time`), for WebSockets a text frame of
+//! `{"op":"event",...}` with the same fields. A socket that falls more than
+//! `--queue` frames behind is closed.
 //!
-//! The bench measures what `rt-bench sse` does, with the same defaults: idle
-//! memory per socket, latency at a fixed rate (send time stamped in the frame
-//! → frame parsed by the client, every seq exactly once and in order), and
-//! deliveries per second under a burst.
+//! The bench measures what `rt-bench sse` and `rt-bench ws` do, with the
+//! same defaults: idle memory per socket, latency at a fixed rate (send time
+//! stamped in the frame → frame parsed by the client, every seq exactly once
+//! and in order), and deliveries per second under a burst.
 
 use std::{
     path::Path,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -38,13 +47,37 @@ use tokio::{
     sync::{Mutex, Semaphore, broadcast, mpsc::unbounded_channel},
     task::JoinSet,
 };
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::server::{
-    self, Burst, CpuMark, Fanout, Firsts, Idle, Msg, Outcome, Server, each_count, ensure_all_ran,
-    gather, gather_last_done, gather_latencies, latency_events, mib, now_us, open_files_limit,
-    print_json_lines, publisher_client, r3,
+use crate::{
+    server::{
+        self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, each_count,
+        ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, now_us,
+        open_files_limit, print_json_lines, publisher_client, r3,
+    },
+    sse_client, ws,
 };
-use crate::sse_client::{Plan, follow};
+
+/// Which edge's wire the ceiling writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Wire {
+    /// Server-Sent Events in a chunked body, as sse-edge writes them.
+    Sse,
+    /// WebSocket text frames, as ws-edge writes them.
+    Ws,
+}
+
+impl Wire {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Wire::Sse => "sse",
+            Wire::Ws => "ws",
+        }
+    }
+}
+
+/// The topic of the ceiling's frames.
+const TOPIC: &str = "raw";
 
 /// The response head of a stream.
 /// The response head of a stream: chunked, as the edge's, so that the bench
@@ -87,6 +120,10 @@ pub(crate) struct Args {
     /// Runs per connection count; the median of each figure is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// The wire written and read: SSE (the `sse` edge's) or WebSocket
+    /// frames (the `ws` edge's).
+    #[arg(long, value_enum, default_value_t = Wire::Sse)]
+    wire: Wire,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -95,6 +132,9 @@ pub(crate) struct Args {
 /// The ceiling server's arguments (`rt-bench raw-server`).
 #[derive(clap::Args)]
 pub(crate) struct ServerArgs {
+    /// The wire it writes.
+    #[arg(long, value_enum, default_value_t = Wire::Sse)]
+    wire: Wire,
     /// Broadcast queue, in frames.
     #[arg(long, default_value_t = 4096)]
     queue: usize,
@@ -111,7 +151,7 @@ pub(crate) async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         args.queue > 0 && args.coalesce > 0,
         "--queue and --coalesce must be at least 1"
     );
-    let coalesce = args.coalesce;
+    let (coalesce, wire) = (args.coalesce, args.wire);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
     let (frames, _) = broadcast::channel::<Bytes>(args.queue);
@@ -129,7 +169,7 @@ pub(crate) async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         };
         let (frames, next) = (frames.clone(), next.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(socket, &frames, &next, coalesce).await {
+            if let Err(e) = connection(socket, &frames, &next, coalesce, wire).await {
                 eprintln!("connection: {e:#}");
             }
         });
@@ -142,6 +182,7 @@ async fn connection(
     frames: &broadcast::Sender<Bytes>,
     next: &Mutex<u64>,
     coalesce: usize,
+    wire: Wire,
 ) -> anyhow::Result<()> {
     socket.set_nodelay(true)?;
     let head = read_head(&mut socket).await?;
@@ -157,32 +198,53 @@ async fn connection(
             .with_context(|| format!("{line}: no {name}"))
     };
     match (method, path) {
-        ("GET", "/stream") => {
+        ("GET", "/stream") if wire == Wire::Sse => {
             // Subscribed before the head goes out: a client that has the head
             // gets every frame sent after it.
             let mut rx = frames.subscribe();
             socket.write_all(STREAM_HEAD).await?;
             let mut buf = Vec::new();
             loop {
-                // Too far behind (or the server is going): close.
-                let Ok(frame) = rx.recv().await else {
-                    return Ok(());
-                };
                 // One HTTP chunk per write, as the edge's body chunks.
                 buf.clear();
                 buf.extend_from_slice(b"0000\r\n");
-                buf.extend_from_slice(&frame);
-                for _ in 1..coalesce {
-                    match rx.try_recv() {
-                        Ok(more) => buf.extend_from_slice(&more),
-                        Err(broadcast::error::TryRecvError::Empty) => break,
-                        Err(_) => return Ok(()),
-                    }
+                // Too far behind (or the server is going): close.
+                if !take_ready(&mut rx, coalesce, &mut buf).await {
+                    return Ok(());
                 }
                 let size = buf.len() - 6;
                 anyhow::ensure!(size <= 0xffff, "a chunk of {size} bytes: lower --coalesce");
                 buf[..4].copy_from_slice(format!("{size:04x}").as_bytes());
                 buf.extend_from_slice(b"\r\n");
+                socket.write_all(&buf).await?;
+            }
+        }
+        ("GET", "/ws") if wire == Wire::Ws => {
+            let key = header_value(&head, "sec-websocket-key")
+                .with_context(|| format!("{line}: no Sec-WebSocket-Key"))?;
+            // Subscribed before the ack goes out: a client that has the ack
+            // gets every frame sent after it.
+            let mut rx = frames.subscribe();
+            let accept = derive_accept_key(key.as_bytes());
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                 connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+            );
+            socket.write_all(head.as_bytes()).await?;
+            // The subscription (its content does not matter), then its ack.
+            let mut scratch = [0u8; 512];
+            anyhow::ensure!(
+                socket.read(&mut scratch).await? > 0,
+                "closed before subscribing"
+            );
+            let ack = format!(r#"{{"op":"ack","ref":"s","topic":"{TOPIC}","after":0}}"#);
+            socket.write_all(&ws_text(ack.as_bytes())).await?;
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                if !take_ready(&mut rx, coalesce, &mut buf).await {
+                    return Ok(());
+                }
                 socket.write_all(&buf).await?;
             }
         }
@@ -195,12 +257,12 @@ async fn connection(
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
                 for _ in 0..count {
                     tick.tick().await;
-                    let _ = frames.send(frame(*next, now_us()));
+                    let _ = frames.send(frame(wire, *next, now_us()));
                     *next += 1;
                 }
             } else {
                 for _ in 0..count {
-                    let _ = frames.send(frame(*next, now_us()));
+                    let _ = frames.send(frame(wire, *next, now_us()));
                     *next += 1;
                 }
             }
@@ -234,12 +296,65 @@ async fn read_head(socket: &mut TcpStream) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
-/// Frame `seq`, stamped with `sent_us`, shaped and sized like the edge's.
-fn frame(seq: u64, sent_us: u64) -> Bytes {
-    Bytes::from(format!(
-        "id: raw:{seq}\nevent: message\ndata: {{\"topic\":\"raw\",\"seq\":{seq},\"type\":\"message\",\
-         \"data\":{{\"sent_us\":{sent_us}}},\"time\":\"2026-11-28T12:00:00.000000Z\"}}\n\n"
-    ))
+/// Appends the frames at hand to `buf`: the next one (waited for), then
+/// those already queued, `coalesce` at most; false when the socket fell too
+/// far behind or the server is going.
+async fn take_ready(
+    rx: &mut broadcast::Receiver<Bytes>,
+    coalesce: usize,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let Ok(frame) = rx.recv().await else {
+        return false;
+    };
+    buf.extend_from_slice(&frame);
+    for _ in 1..coalesce {
+        match rx.try_recv() {
+            Ok(more) => buf.extend_from_slice(&more),
+            Err(broadcast::error::TryRecvError::Empty) => break,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// A header's value in a request head.
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Frame `seq`, stamped with `sent_us`, shaped and sized like the edge's on
+/// `wire`.
+fn frame(wire: Wire, seq: u64, sent_us: u64) -> Bytes {
+    let event = format!(
+        "\"topic\":\"{TOPIC}\",\"seq\":{seq},\"type\":\"message\",\
+         \"data\":{{\"sent_us\":{sent_us}}},\"time\":\"2026-11-28T12:00:00.000000Z\"}}"
+    );
+    match wire {
+        Wire::Sse => Bytes::from(format!(
+            "id: {TOPIC}:{seq}\nevent: message\ndata: {{{event}\n\n"
+        )),
+        Wire::Ws => ws_text(format!("{{\"op\":\"event\",{event}").as_bytes()).into(),
+    }
+}
+
+/// A server's (unmasked) WebSocket text frame of `text`.
+fn ws_text(text: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(text.len() + 4);
+    frame.push(0x81);
+    match text.len() {
+        n @ 0..=125 => frame.push(n as u8),
+        n => {
+            let n = u16::try_from(n).expect("the ceiling's frames are small");
+            frame.push(126);
+            frame.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(text);
+    frame
 }
 
 // ----------------------------------------------------------------- bench --
@@ -305,6 +420,8 @@ async fn one_run(exe: &Path, args: &Args, n: usize) -> anyhow::Result<(Fanout, F
     let exe = exe.to_owned();
     let server_args = vec![
         "raw-server".to_owned(),
+        "--wire".to_owned(),
+        args.wire.name().to_owned(),
         "--queue".to_owned(),
         args.queue.to_string(),
         "--coalesce".to_owned(),
@@ -339,21 +456,40 @@ async fn measure(
     let gate = Arc::new(Semaphore::new(args.open_concurrency));
     let (tx, mut rx) = unbounded_channel();
     let opening = Instant::now();
-    let plan = Arc::new(Plan {
-        addr,
-        path: "/stream".to_owned(),
-        topic: "raw".to_owned(),
-        latency_events,
-        last_seq,
-        retry_first: false,
-    });
-    for id in 0..n {
-        let (plan, gate, tx) = (plan.clone(), gate.clone(), tx.clone());
-        sockets.spawn(async move {
-            if let Err(e) = follow(&plan, &gate, None, &tx).await {
-                let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
+    // A socket the server closes fails the run: the ceiling has no
+    // reconnects to report.
+    let drops = Arc::new(Drops::default());
+    match args.wire {
+        Wire::Sse => {
+            let plan = Arc::new(sse_client::Plan {
+                addr,
+                path: "/stream".to_owned(),
+                topic: TOPIC.to_owned(),
+                latency_events,
+                last_seq,
+                retry_first: false,
+            });
+            for id in 0..n {
+                let (plan, gate, tx) = (plan.clone(), gate.clone(), tx.clone());
+                sockets.spawn(async move {
+                    if let Err(e) = sse_client::follow(&plan, &gate, None, &tx).await {
+                        let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
+                    }
+                });
             }
-        });
+        }
+        Wire::Ws => {
+            let plan = Arc::new(ws::Plan::new(addr, "/ws", TOPIC, latency_events, last_seq));
+            for id in 0..n {
+                let (plan, gate, drops, tx) =
+                    (plan.clone(), gate.clone(), drops.clone(), tx.clone());
+                sockets.spawn(async move {
+                    if let Err(e) = ws::follow(&plan, &gate, &drops, &tx).await {
+                        let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
+                    }
+                });
+            }
+        }
     }
     drop(tx);
     gather(&mut rx, n, "sockets", deadline, "opened", |msg| match msg {
@@ -405,6 +541,13 @@ async fn measure(
     )
     .await?;
     let burst_cpu = cpu.used(server)?;
+    let reopened = drops.closed.load(Ordering::Relaxed) + drops.broken.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        reopened == 0,
+        "{reopened} socket(s) were closed or broke and were reopened (first: {:?} {:?})",
+        drops.first_close.lock().unwrap_or_else(|e| e.into_inner()),
+        drops.first_error.lock().unwrap_or_else(|e| e.into_inner())
+    );
 
     Ok(Fanout::measured(
         n,
@@ -427,8 +570,9 @@ async fn measure(
 fn print_report(args: &Args, results: &[Outcome<Fanout>]) {
     let latency_events = latency_events(args.rate, args.seconds);
     println!(
-        "\nRaw ceiling: one pre-encoded frame per send to every socket, no protocol logic, \
-         server in its own process, median of {} runs (each figure on its own)",
+        "\nRaw ceiling ({} wire): one pre-encoded frame per send to every socket, no protocol \
+         logic, server in its own process, median of {} runs (each figure on its own)",
+        args.wire.name(),
         args.runs.max(1)
     );
     let table = |title: String, head: String, row: &dyn Fn(&Fanout) -> String| {
@@ -479,7 +623,7 @@ fn print_report(args: &Args, results: &[Outcome<Fanout>]) {
 
     for o in results {
         let n = o.n;
-        let common = json!({"connections": n, "runs": args.runs.max(1)});
+        let common = json!({"connections": n, "runs": args.runs.max(1), "wire": args.wire.name()});
         let lines = match &o.result {
             Ok(f) => vec![
                 f.idle_json(
@@ -515,8 +659,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ws_frames_are_text_frames_of_event_json_read_up_to_their_seq() {
+        let f = frame(Wire::Ws, 1234, 1_795_000_000_123_456);
+        // 126: a 16-bit length follows, the frame being over 125 bytes.
+        assert_eq!((f[0], f[1]), (0x81, 126), "a final, unmasked text frame");
+        let (len, text) = (usize::from(u16::from_be_bytes([f[2], f[3]])), &f[4..]);
+        assert_eq!(len, text.len());
+        assert!((120..200).contains(&len), "{len} bytes");
+        let json: serde_json::Value = serde_json::from_slice(text).unwrap();
+        assert_eq!(json["op"], "event");
+        assert_eq!(json["topic"], TOPIC);
+        assert_eq!(json["type"], "message");
+        assert_eq!(json["data"]["sent_us"], 1_795_000_000_123_456u64);
+        // Begun as the edge's are: the bench reads it as it reads theirs.
+        assert_eq!(ws::quick_seq(text, &ws::event_start(TOPIC)), Some(1234));
+        let long = ws_text(&[b'x'; 300]);
+        assert_eq!(&long[..4], &[0x81, 126, 0x01, 0x2C]);
+    }
+
+    #[test]
     fn frames_are_sse_events_shaped_and_sized_like_the_edge() {
-        let f = frame(1234, 1_795_000_000_123_456);
+        let f = frame(Wire::Sse, 1234, 1_795_000_000_123_456);
         assert!(f.ends_with(b"\n\n"));
         assert!((120..200).contains(&f.len()), "{} bytes", f.len());
         let mut data = Vec::new();

@@ -148,10 +148,11 @@ struct Figure {
 }
 
 /// What every subscribed socket of a run is told.
-struct Plan {
+pub(crate) struct Plan {
     topic: String,
-    /// The server (its `/v1/ws`).
+    /// The server, and the path of its WebSocket (the edge's `/v1/ws`).
     addr: SocketAddr,
+    path: String,
     /// Seqs 1..=latency_events are the latency scenario's.
     latency_events: u64,
     /// The burst's last seq.
@@ -159,6 +160,28 @@ struct Plan {
     /// How the edge's event frames on the topic begin, up to the seq: see
     /// [`quick_seq`].
     event_start: Vec<u8>,
+}
+
+impl Plan {
+    /// Sockets of `addr`'s WebSocket at `path`, subscribed to `topic`, whose
+    /// seqs up to `latency_events` measure latency, the run ending at
+    /// `last_seq`.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        path: &str,
+        topic: &str,
+        latency_events: u64,
+        last_seq: u64,
+    ) -> Plan {
+        Plan {
+            topic: topic.to_owned(),
+            addr,
+            path: path.to_owned(),
+            latency_events,
+            last_seq,
+            event_start: event_start(topic),
+        }
+    }
 }
 
 /// A server frame, as far as the bench reads it: an event, an ack, or
@@ -314,14 +337,13 @@ async fn measure(
     let topic = format!("ws{n}-{run}");
     let latency_events = latency_events(args.rate, args.seconds);
     let ws_url = format!("{}/v1/ws", server.url("").replacen("http://", "ws://", 1));
-    let event_start = event_start(&topic);
-    let plan = Arc::new(Plan {
-        addr: server.addr()?,
-        topic,
+    let plan = Arc::new(Plan::new(
+        server.addr()?,
+        "/v1/ws",
+        &topic,
         latency_events,
-        last_seq: latency_events + args.burst,
-        event_start,
-    });
+        latency_events + args.burst,
+    ));
     let deadline = Duration::from_secs(args.timeout);
 
     // 1. Idle memory.
@@ -454,7 +476,7 @@ async fn measure(
 /// reconnecting and subscribing with `after` when the server closes it or
 /// the connection breaks. Then it keeps reading (answering the server's
 /// pings) until the run ends, failing on any further frame.
-async fn follow(
+pub(crate) async fn follow(
     plan: &Plan,
     gate: &Semaphore,
     drops: &Drops,
@@ -562,7 +584,7 @@ fn take_seq(plan: &Plan, last: &mut u64, seq: u64) -> anyhow::Result<()> {
 /// `{"op":"event","topic":<topic>,"seq":`: how the edge writes an event
 /// frame of `topic`, up to its seq (the op, then the event's fields in
 /// their order).
-fn event_start(topic: &str) -> Vec<u8> {
+pub(crate) fn event_start(topic: &str) -> Vec<u8> {
     let topic = serde_json::to_string(topic).unwrap_or_default();
     format!(r#"{{"op":"event","topic":{topic},"seq":"#).into_bytes()
 }
@@ -570,7 +592,7 @@ fn event_start(topic: &str) -> Vec<u8> {
 /// The seq of an event frame that begins with `start` (see [`event_start`])
 /// and has the type `message`; `None` for any other frame, which is then
 /// read as JSON.
-fn quick_seq(text: &[u8], start: &[u8]) -> Option<u64> {
+pub(crate) fn quick_seq(text: &[u8], start: &[u8]) -> Option<u64> {
     let rest = text.strip_prefix(start)?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     if !rest[digits..].starts_with(br#","type":"message","#) {
@@ -609,7 +631,7 @@ async fn connect(url: &str, config: WebSocketConfig) -> anyhow::Result<Socket> {
 /// `after`, or from now on), waiting for the subscription's ack, which must
 /// name `after` (0, the topic being fresh, when none is given).
 async fn subscribe(plan: &Plan, after: Option<u64>) -> anyhow::Result<WsStream> {
-    let opened = tokio::time::timeout(OPEN_WAIT, WsStream::open(plan.addr, "/v1/ws"));
+    let opened = tokio::time::timeout(OPEN_WAIT, WsStream::open(plan.addr, &plan.path));
     let mut ws = opened
         .await
         .map_err(|_| anyhow::anyhow!("no WebSocket handshake within {} s", OPEN_WAIT.as_secs()))?

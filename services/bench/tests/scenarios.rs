@@ -7,12 +7,29 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Runs `rt-bench <scenario>` on 20 connections, one run, and returns its
-/// JSON lines by scenario name (`latency`, `saturation`, ...).
+/// Runs `rt-bench <scenario>` on 20 connections, one run, publishing in
+/// batches of 50, against the test Postgres and NATS, and returns its JSON lines by scenario name
+/// (`latency`, `saturation`, ...).
 fn run(scenario: &str) -> Vec<(String, Value)> {
+    let services = [
+        "--batch",
+        "50",
+        "--database-url",
+        &rt_tests::postgres_admin_url(),
+        "--nats-url",
+        &rt_tests::nats_url(),
+    ]
+    .map(str::to_owned);
+    run_with(&[scenario], &services)
+}
+
+/// Runs `rt-bench <head>` small, then `tail`, and returns its JSON lines
+/// by scenario name.
+fn run_with(head: &[&str], tail: &[String]) -> Vec<(String, Value)> {
+    let scenario = head.join(" ");
     let out = Command::new(env!("CARGO_BIN_EXE_rt-bench"))
+        .args(head)
         .args([
-            scenario,
             "--connections",
             "20",
             "--runs",
@@ -23,18 +40,13 @@ fn run(scenario: &str) -> Vec<(String, Value)> {
             "1",
             "--burst",
             "200",
-            "--batch",
-            "50",
             "--settle-ms",
             "100",
             "--timeout",
             "60",
             "--quiet",
-            "--database-url",
-            &rt_tests::postgres_admin_url(),
-            "--nats-url",
-            &rt_tests::nats_url(),
         ])
+        .args(tail)
         .output()
         .expect("rt-bench runs");
     let (stdout, stderr) = (
@@ -105,4 +117,16 @@ fn sse_reads_every_event_on_every_stream() {
         &lines,
         ["streams_ended_and_resumed", "streams_broken_and_resumed"],
     );
+}
+
+#[test]
+fn the_ceiling_of_each_wire_is_read_whole_by_its_edges_client() {
+    for wire in ["sse", "ws"] {
+        let lines = run_with(&["raw", "--wire", wire], &[]);
+        let burst = figure(&lines, "saturation");
+        assert_eq!(burst["wire"], wire, "{burst}");
+        assert!(burst["deliveries_per_sec"].as_f64() > Some(0.0), "{burst}");
+        let latency = figure(&lines, "latency");
+        assert!(latency["p99_ms"].as_f64() > Some(0.0), "{latency}");
+    }
 }
