@@ -225,20 +225,9 @@ async fn connection(
             // Subscribed before the ack goes out: a client that has the ack
             // gets every frame sent after it.
             let mut rx = frames.subscribe();
-            let accept = derive_accept_key(key.as_bytes());
-            let head = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
-                 connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
-            );
-            socket.write_all(head.as_bytes()).await?;
-            // The subscription (its content does not matter), then its ack.
-            let mut scratch = [0u8; 512];
-            anyhow::ensure!(
-                socket.read(&mut scratch).await? > 0,
-                "closed before subscribing"
-            );
-            let ack = format!(r#"{{"op":"ack","ref":"s","topic":"{TOPIC}","after":0}}"#);
-            socket.write_all(&ws_text(ack.as_bytes())).await?;
+            // Boxed: what the handshake holds is freed before the socket
+            // idles, and the task of an SSE socket holds none of it.
+            Box::pin(ws_handshake(&mut socket, key)).await?;
             let mut buf = Vec::new();
             loop {
                 buf.clear();
@@ -316,6 +305,26 @@ async fn take_ready(
         }
     }
     true
+}
+
+/// Answers a WebSocket handshake whose key is `key`, waits for the client's
+/// subscription (its content does not matter) and answers it with the ack
+/// the edge sends.
+async fn ws_handshake(socket: &mut TcpStream, key: &str) -> anyhow::Result<()> {
+    let accept = derive_accept_key(key.as_bytes());
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+         connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    );
+    socket.write_all(head.as_bytes()).await?;
+    let mut scratch = [0u8; 512];
+    anyhow::ensure!(
+        socket.read(&mut scratch).await? > 0,
+        "closed before subscribing"
+    );
+    let ack = format!(r#"{{"op":"ack","ref":"s","topic":"{TOPIC}","after":0}}"#);
+    socket.write_all(&ws_text(ack.as_bytes())).await?;
+    Ok(())
 }
 
 /// A header's value in a request head.
