@@ -130,3 +130,45 @@ fn the_ceiling_of_each_wire_is_read_whole_by_its_edges_client() {
         assert!(latency["p99_ms"].as_f64() > Some(0.0), "{latency}");
     }
 }
+
+#[test]
+fn poll_reports_the_wake_up_and_the_publish_it_waited_for() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rt-bench"))
+        .args([
+            "poll",
+            "--waiters",
+            "20",
+            "--events",
+            "20",
+            "--runs",
+            "1",
+            "--settle-ms",
+            "300",
+            "--quiet",
+            "--database-url",
+            &rt_tests::postgres_admin_url(),
+        ])
+        .output()
+        .expect("rt-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rt-bench poll failed ({}); if Postgres is not running, `bash scripts/test.sh` \
+         starts it:\n{}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
+    let v: Value = serde_json::from_str(line).unwrap();
+    let (p50, p99) = (v["wake_p50_ms"].as_f64(), v["wake_p99_ms"].as_f64());
+    assert!(p50.is_some_and(|p| p > 0.0) && p99 >= p50, "{v}");
+    let (publish_p50, publish_p99) = (v["publish_p50_ms"].as_f64(), v["publish_p99_ms"].as_f64());
+    assert!(
+        publish_p50.is_some_and(|p| p > 0.0) && publish_p99 >= publish_p50,
+        "{v}"
+    );
+    assert_eq!(v["empty_polls"], 0, "{v}");
+}
