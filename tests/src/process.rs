@@ -124,9 +124,7 @@ impl ServiceProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
 
-impl ServiceProcess {
     /// Reads what an exited process logged to the end of its output, and
     /// fails if a thread of it panicked (a task that panics is dropped, and
     /// what it owed its client with it).

@@ -112,7 +112,7 @@ impl Http1 {
 }
 
 /// Bytes read from a socket at a time by the streaming clients.
-const READ: usize = 16 * 1024;
+pub(crate) const READ: usize = 16 * 1024;
 
 /// A response head read on a fresh connection, for the streaming clients
 /// (SSE, WebSocket): the socket, the bytes read so far (the head, then
@@ -176,6 +176,14 @@ impl Opened {
         let body = String::from_utf8_lossy(&self.wire[self.head_end..]);
         format!("{status_line}: {}", body.trim())
     }
+}
+
+/// A header's value in a request or response head, if it has the header.
+pub(crate) fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 /// Where the response head in `buf` ends (after its blank line), once it has.

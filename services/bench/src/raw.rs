@@ -50,12 +50,13 @@ use tokio::{
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::{
+    http1::header_value,
     server::{
         self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, each_count,
         ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, now_us,
         open_files_limit, print_json_lines, publisher_client, r3,
     },
-    sse_client, ws,
+    sse_client, ws, ws_client,
 };
 
 /// Which edge's wire the ceiling writes.
@@ -327,14 +328,6 @@ async fn ws_handshake(socket: &mut TcpStream, key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A header's value in a request head.
-fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.split("\r\n").find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
 /// Frame `seq`, stamped with `sent_us`, shaped and sized like the edge's on
 /// `wire`.
 fn frame(wire: Wire, seq: u64, sent_us: u64) -> Bytes {
@@ -352,16 +345,8 @@ fn frame(wire: Wire, seq: u64, sent_us: u64) -> Bytes {
 
 /// A server's (unmasked) WebSocket text frame of `text`.
 fn ws_text(text: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(text.len() + 4);
-    frame.push(0x81);
-    match text.len() {
-        n @ 0..=125 => frame.push(n as u8),
-        n => {
-            let n = u16::try_from(n).expect("the ceiling's frames are small");
-            frame.push(126);
-            frame.extend_from_slice(&n.to_be_bytes());
-        }
-    }
+    let mut frame = Vec::with_capacity(text.len() + 10);
+    ws_client::put_frame_head(&mut frame, ws_client::TEXT, text.len(), false);
     frame.extend_from_slice(text);
     frame
 }

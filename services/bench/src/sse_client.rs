@@ -29,12 +29,10 @@ use tokio::{
 };
 
 use crate::{
-    http1::Opened,
+    http1::{Opened, READ},
     server::{Drops, Msg, now_us},
 };
 
-/// Bytes read from the socket at a time.
-const READ: usize = 16 * 1024;
 /// Longest response head or chunk-size line accepted.
 const LONGEST_LINE: usize = 16 * 1024;
 
@@ -163,12 +161,7 @@ impl SseStream {
             self.scan -= self.start.min(self.scan);
             self.start = 0;
         }
-        self.wire.reserve(READ);
-        let read = self
-            .socket
-            .read_buf(&mut self.wire)
-            .await
-            .map_err(TransportError)?;
+        let read = read_more(&mut self.socket, &mut self.wire).await?;
         if read == 0 {
             anyhow::ensure!(
                 self.chunk.is_none() || self.chunk == Some(Chunk::Done),
@@ -272,6 +265,16 @@ impl std::fmt::Display for TransportError {
 }
 
 impl std::error::Error for TransportError {}
+
+/// Reads from `socket` once, up to [`READ`] bytes more, onto the end of
+/// `wire`; 0 when the connection ended.
+pub(crate) async fn read_more(
+    socket: &mut TcpStream,
+    wire: &mut Vec<u8>,
+) -> Result<usize, TransportError> {
+    wire.reserve(READ);
+    socket.read_buf(wire).await.map_err(TransportError)
+}
 
 /// Whether `e` is a broken connection rather than a bad stream.
 pub(crate) fn is_transport(e: &anyhow::Error) -> bool {

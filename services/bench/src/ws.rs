@@ -532,40 +532,46 @@ fn on_event(
     hist: &mut Histogram<u32>,
     tx: &UnboundedSender<Msg>,
 ) -> anyhow::Result<bool> {
-    let received = now_us();
     // A burst event needs only its seq, as the SSE client reads only its id.
-    if let Some(seq) = quick_seq(text, &plan.event_start).filter(|&s| s > plan.latency_events) {
-        take_seq(plan, last, seq)?;
-        return Ok(!(seq == plan.last_seq && tx.send(Msg::Done(Instant::now())).is_err()));
-    }
-    let shown = || String::from_utf8_lossy(text);
-    let frame: Frame = serde_json::from_slice(text)
-        .with_context(|| format!("frame {:?} after seq {last}", shown()))?;
-    anyhow::ensure!(
-        frame.op == "event"
-            && frame.topic == Some(plan.topic.as_str())
-            && frame.event_type == Some("message"),
-        "got {} after seq {last}",
-        shown()
-    );
-    let seq = frame
-        .seq
-        .with_context(|| format!("an event without a seq after seq {last}: {}", shown()))?;
-    take_seq(plan, last, seq)?;
-    if seq <= plan.latency_events {
-        let data = frame
-            .data
-            .with_context(|| format!("event {seq} has no data: {}", shown()))?;
-        let sent: Sent = serde_json::from_str(data.get())
-            .with_context(|| format!("event {seq} data {:?}", data.get()))?;
-        hist.record(received.saturating_sub(sent.sent_us))?;
-        if seq == plan.latency_events {
-            let done = std::mem::replace(hist, Histogram::new(2)?);
-            if tx.send(Msg::Latency(Box::new(done))).is_err() {
-                return Ok(false);
-            }
+    let burst = quick_seq(text, &plan.event_start).filter(|&s| s > plan.latency_events);
+    let seq = match burst {
+        Some(seq) => {
+            take_seq(plan, last, seq)?;
+            seq
         }
-    }
+        None => {
+            let received = now_us();
+            let shown = || String::from_utf8_lossy(text);
+            let frame: Frame = serde_json::from_slice(text)
+                .with_context(|| format!("frame {:?} after seq {last}", shown()))?;
+            anyhow::ensure!(
+                frame.op == "event"
+                    && frame.topic == Some(plan.topic.as_str())
+                    && frame.event_type == Some("message"),
+                "got {} after seq {last}",
+                shown()
+            );
+            let seq = frame
+                .seq
+                .with_context(|| format!("an event without a seq after seq {last}: {}", shown()))?;
+            take_seq(plan, last, seq)?;
+            if seq <= plan.latency_events {
+                let data = frame
+                    .data
+                    .with_context(|| format!("event {seq} has no data: {}", shown()))?;
+                let sent: Sent = serde_json::from_str(data.get())
+                    .with_context(|| format!("event {seq} data {:?}", data.get()))?;
+                hist.record(received.saturating_sub(sent.sent_us))?;
+                if seq == plan.latency_events {
+                    let done = std::mem::replace(hist, Histogram::new(2)?);
+                    if tx.send(Msg::Latency(Box::new(done))).is_err() {
+                        return Ok(false);
+                    }
+                }
+            }
+            seq
+        }
+    };
     Ok(!(seq == plan.last_seq && tx.send(Msg::Done(Instant::now())).is_err()))
 }
 

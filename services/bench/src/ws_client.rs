@@ -19,21 +19,19 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use rand_core::{OsRng, RngCore as _};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
-use crate::{http1::Opened, sse_client::TransportError};
+use crate::{
+    http1::{Opened, header_value},
+    sse_client::{TransportError, read_more},
+};
 
-/// Bytes read from the socket at a time.
-const READ: usize = 16 * 1024;
 /// Largest message accepted (the server's frames are small; a bigger one
 /// means a framing error, not an event).
 const LARGEST_MESSAGE: usize = 16 * 1024 * 1024;
 
-const TEXT: u8 = 0x1;
+pub(crate) const TEXT: u8 = 0x1;
 const BINARY: u8 = 0x2;
 const CONTINUATION: u8 = 0x0;
 const CLOSE: u8 = 0x8;
@@ -91,7 +89,8 @@ impl WsStream {
             wire,
             head_end,
         } = opened;
-        let accept = header(&wire[..head_end], "sec-websocket-accept");
+        let head = std::str::from_utf8(&wire[..head_end]).unwrap_or_default();
+        let accept = header_value(head, "sec-websocket-accept");
         let expected = derive_accept_key(key.as_bytes());
         anyhow::ensure!(
             accept == Some(expected.as_str()),
@@ -199,13 +198,7 @@ impl WsStream {
             self.wire.drain(..self.start);
             self.start = 0;
         }
-        self.wire.reserve(READ);
-        let read = self
-            .socket
-            .read_buf(&mut self.wire)
-            .await
-            .map_err(TransportError)?;
-        Ok(read > 0)
+        Ok(read_more(&mut self.socket, &mut self.wire).await? > 0)
     }
 
     /// Writes one frame, final and masked.
@@ -219,17 +212,6 @@ impl WsStream {
             .map_err(TransportError)?;
         Ok(())
     }
-}
-
-/// A header's value in a response head, if it has the header.
-fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
-    std::str::from_utf8(head)
-        .ok()?
-        .split("\r\n")
-        .find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
 }
 
 /// The header of the frame at the start of `buf`, once it is whole there.
@@ -271,21 +253,28 @@ fn parse_header(buf: &[u8]) -> anyhow::Result<Option<Header>> {
     }))
 }
 
-/// A final client frame: header, mask key, masked payload.
-fn masked_frame(op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(payload.len() + 14);
+/// Appends the head of a final frame of `op` carrying `len` bytes: the
+/// mask bit set for a client's frame (its key follows), not for a server's.
+pub(crate) fn put_frame_head(frame: &mut Vec<u8>, op: u8, len: usize, masked: bool) {
+    let mask_bit = if masked { 0x80 } else { 0 };
     frame.push(0x80 | op);
-    match payload.len() {
-        n @ 0..=125 => frame.push(0x80 | n as u8),
-        n @ 126..=0xFFFF => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
+    match len {
+        0..=125 => frame.push(mask_bit | len as u8),
+        126..=0xFFFF => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
         }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        _ => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
+}
+
+/// A final client frame: head, mask key, masked payload.
+fn masked_frame(op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    put_frame_head(&mut frame, op, payload.len(), true);
     frame.extend_from_slice(&mask);
     frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
     frame
@@ -294,7 +283,7 @@ fn masked_frame(op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncReadExt as _, net::TcpListener};
     use tokio_tungstenite::tungstenite::{
         Message,
         protocol::{
