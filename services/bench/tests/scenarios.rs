@@ -1,15 +1,16 @@
-//! `rt-bench sse` and `rt-bench ws` end to end, small: the bench starts the
-//! all-in-one `realtime` built beside it (the workspace's test build has
-//! it), over a database of its own on the test Postgres and over NATS, and
-//! its clients must read every event of every scenario exactly once.
+//! `rt-bench` end to end, small. `sse` and `ws` start the all-in-one
+//! `realtime` built beside the bench (the workspace's test build has it),
+//! over a database of their own on the test Postgres and over NATS, and
+//! their clients must read every event of every scenario exactly once;
+//! `raw` runs the ceiling of each wire, and `poll` its routes in-process.
 
 use std::process::Command;
 
 use serde_json::Value;
 
 /// Runs `rt-bench <scenario>` on 20 connections, one run, publishing in
-/// batches of 50, against the test Postgres and NATS, and returns its JSON lines by scenario name
-/// (`latency`, `saturation`, ...).
+/// batches of 50, against the test Postgres and NATS, and returns its JSON
+/// lines by scenario name (`latency`, `saturation`, ...).
 fn run(scenario: &str) -> Vec<(String, Value)> {
     let services = [
         "--batch",
@@ -26,27 +27,44 @@ fn run(scenario: &str) -> Vec<(String, Value)> {
 /// Runs `rt-bench <head>` small, then `tail`, and returns its JSON lines
 /// by scenario name.
 fn run_with(head: &[&str], tail: &[String]) -> Vec<(String, Value)> {
-    let scenario = head.join(" ");
+    let small = [
+        "--connections",
+        "20",
+        "--runs",
+        "1",
+        "--rate",
+        "50",
+        "--seconds",
+        "1",
+        "--burst",
+        "200",
+        "--settle-ms",
+        "100",
+        "--timeout",
+        "60",
+        "--quiet",
+    ]
+    .map(str::to_owned);
+    let args: Vec<String> = head
+        .iter()
+        .map(|a| (*a).to_owned())
+        .chain(small)
+        .chain(tail.iter().cloned())
+        .collect();
+    bench(&args)
+        .into_iter()
+        .map(|v| {
+            let name = v["name"].as_str().unwrap_or_default();
+            (name.split(',').next().unwrap_or_default().to_owned(), v)
+        })
+        .collect()
+}
+
+/// Runs `rt-bench args`, which must succeed, and returns the JSON lines it
+/// printed.
+fn bench(args: &[String]) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_rt-bench"))
-        .args(head)
-        .args([
-            "--connections",
-            "20",
-            "--runs",
-            "1",
-            "--rate",
-            "50",
-            "--seconds",
-            "1",
-            "--burst",
-            "200",
-            "--settle-ms",
-            "100",
-            "--timeout",
-            "60",
-            "--quiet",
-        ])
-        .args(tail)
+        .args(args)
         .output()
         .expect("rt-bench runs");
     let (stdout, stderr) = (
@@ -55,18 +73,15 @@ fn run_with(head: &[&str], tail: &[String]) -> Vec<(String, Value)> {
     );
     assert!(
         out.status.success(),
-        "rt-bench {scenario} failed ({}); if Postgres or NATS is not running, \
+        "rt-bench {} failed ({}); if Postgres or NATS is not running, \
          `bash scripts/test.sh` starts them:\n{stderr}\n{stdout}",
+        args.join(" "),
         out.status
     );
     stdout
         .lines()
         .filter(|l| l.starts_with('{'))
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-            let name = v["name"].as_str().unwrap_or_default();
-            (name.split(',').next().unwrap_or_default().to_owned(), v)
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
 
@@ -133,36 +148,23 @@ fn the_ceiling_of_each_wire_is_read_whole_by_its_edges_client() {
 
 #[test]
 fn poll_reports_the_wake_up_and_the_publish_it_waited_for() {
-    let out = Command::new(env!("CARGO_BIN_EXE_rt-bench"))
-        .args([
-            "poll",
-            "--waiters",
-            "20",
-            "--events",
-            "20",
-            "--runs",
-            "1",
-            "--settle-ms",
-            "300",
-            "--quiet",
-            "--database-url",
-            &rt_tests::postgres_admin_url(),
-        ])
-        .output()
-        .expect("rt-bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rt-bench poll failed ({}); if Postgres is not running, `bash scripts/test.sh` \
-         starts it:\n{}\n{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
-    let v: Value = serde_json::from_str(line).unwrap();
+    let args = [
+        "poll",
+        "--waiters",
+        "20",
+        "--events",
+        "20",
+        "--runs",
+        "1",
+        "--settle-ms",
+        "300",
+        "--quiet",
+        "--database-url",
+        &rt_tests::postgres_admin_url(),
+    ]
+    .map(str::to_owned);
+    let lines = bench(&args);
+    let v = lines.first().unwrap_or_else(|| panic!("no JSON line"));
     let (p50, p99) = (v["wake_p50_ms"].as_f64(), v["wake_p99_ms"].as_f64());
     assert!(p50.is_some_and(|p| p > 0.0) && p99 >= p50, "{v}");
     let (publish_p50, publish_p99) = (v["publish_p50_ms"].as_f64(), v["publish_p99_ms"].as_f64());
