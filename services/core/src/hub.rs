@@ -42,6 +42,9 @@ use crate::{
 
 /// Events read from the store per query when the hub or a follower catches up.
 const FILL_PAGE: u32 = 500;
+/// Most live events a follower takes from its topic's ring under one lock
+/// (in a burst; one at a time otherwise).
+const LIVE_BATCH: usize = 32;
 /// Most topics in one head-check query.
 const HEAD_CHECK_CHUNK: usize = 1000;
 
@@ -550,6 +553,9 @@ pub struct Follower {
     /// Highest seq handed out.
     last: u64,
     backlog: VecDeque<Arc<SharedEvent>>,
+    /// Live events taken from the topic's ring in one batch and not yet
+    /// handed out (empty, holding nothing, unless a burst is being read).
+    live: VecDeque<Arc<SharedEvent>>,
     pending_reset: Option<u64>,
     caught_up: bool,
     page: u32,
@@ -583,6 +589,7 @@ impl Follower {
             sub,
             last: after,
             backlog: VecDeque::new(),
+            live: VecDeque::new(),
             pending_reset: None,
             caught_up: false,
             page: page.clamp(1, FILL_PAGE),
@@ -637,6 +644,12 @@ impl Follower {
                 self.catch_up().await?;
                 continue;
             }
+            if let Some(e) = self.take_live() {
+                if let Some(d) = self.accept_live(e) {
+                    return Ok(d);
+                }
+                continue;
+            }
             match self.sub.rx.recv().await {
                 Ok(e) => {
                     if let Some(d) = self.accept_live(e) {
@@ -665,7 +678,11 @@ impl Follower {
             if !self.caught_up {
                 return None;
             }
-            match self.sub.rx.try_recv() {
+            let next = match self.take_live() {
+                Some(e) => Ok(e),
+                None => self.sub.rx.try_recv_many(&mut self.live, LIVE_BATCH),
+            };
+            match next {
                 Ok(e) => {
                     if let Some(d) = self.accept_live(e) {
                         return Some(d);
@@ -675,6 +692,16 @@ impl Follower {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// The next live event already taken from the ring; the batch's room
+    /// is given back with its last event.
+    fn take_live(&mut self) -> Option<Arc<SharedEvent>> {
+        let e = self.live.pop_front()?;
+        if self.live.is_empty() {
+            self.live = VecDeque::new();
+        }
+        Some(e)
     }
 
     /// Reads the next page of the log after the position into the backlog.

@@ -166,6 +166,47 @@ impl<T: Clone> Receiver<T> {
         Ok(value)
     }
 
+    /// Like [`Receiver::try_recv`], and also up to `most - 1` values after
+    /// the one returned, appended to `more`, under the same lock: a
+    /// receiver catching up on a burst takes the lock once per batch, not
+    /// once per value. `more` is only touched when there is more than one.
+    pub(crate) fn try_recv_many(
+        &mut self,
+        more: &mut VecDeque<T>,
+        most: usize,
+    ) -> Result<T, TryRecvError> {
+        let mut state = self.shared.lock();
+        if self.next < state.head {
+            let missed = state.head - self.next;
+            self.next = state.head;
+            return Err(TryRecvError::Lagged(missed));
+        }
+        let at = (self.next - state.head) as usize;
+        let taken = state.queue.len().saturating_sub(at).min(most.max(1));
+        if taken == 0 {
+            return Err(if state.closed {
+                TryRecvError::Closed
+            } else {
+                TryRecvError::Empty
+            });
+        }
+        let mut values = state
+            .queue
+            .range_mut(at..at + taken)
+            .map(|(value, unread)| {
+                *unread -= 1;
+                value.clone()
+            });
+        // unwrap: `taken` is at least one
+        let first = values.next().expect("one value at least");
+        more.extend(values);
+        self.next += taken as u64;
+        if at == 0 {
+            state.trim();
+        }
+        Ok(first)
+    }
+
     /// The next value, waiting for it. Cancel-safe: a dropped future has
     /// taken nothing.
     pub(crate) async fn recv(&mut self) -> Result<T, RecvError> {
@@ -244,6 +285,53 @@ mod tests {
             (0, 0),
             "a receiver that leaves reads nothing more"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_taken_in_order_and_counted_as_read() {
+        let tx = channel(1024);
+        let mut a = tx.subscribe();
+        let mut b = tx.subscribe();
+        let mut more = VecDeque::new();
+        assert_eq!(a.try_recv_many(&mut more, 4), Err(TryRecvError::Empty));
+        tx.send(0);
+        assert_eq!(a.try_recv_many(&mut more, 4), Ok(0));
+        assert!(
+            more.is_empty() && more.capacity() == 0,
+            "a lone value needs no room"
+        );
+        for i in 1..=10 {
+            tx.send(i);
+        }
+        assert_eq!(a.try_recv_many(&mut more, 4), Ok(1));
+        assert_eq!(more, [2, 3, 4]);
+        more.clear();
+        assert_eq!(a.try_recv_many(&mut more, 100), Ok(5));
+        assert_eq!(more, [6, 7, 8, 9, 10]);
+        assert_eq!(held(&tx).0, 11, "b has read none of them");
+        for i in 0..=10 {
+            assert_eq!(b.try_recv(), Ok(i));
+        }
+        assert_eq!(held(&tx), (0, 0), "both read everything");
+        drop(tx);
+        assert_eq!(a.try_recv_many(&mut more, 4), Err(TryRecvError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_batch_after_a_lag_starts_at_the_oldest_value_held() {
+        let tx = channel(4);
+        let mut slow = tx.subscribe();
+        for i in 0..10 {
+            tx.send(i);
+        }
+        let mut more = VecDeque::new();
+        assert_eq!(
+            slow.try_recv_many(&mut more, 8),
+            Err(TryRecvError::Lagged(6))
+        );
+        assert_eq!(slow.try_recv_many(&mut more, 8), Ok(6));
+        assert_eq!(more, [7, 8, 9]);
+        assert_eq!(held(&tx), (0, 0));
     }
 
     #[tokio::test]

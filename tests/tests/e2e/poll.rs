@@ -156,6 +156,55 @@ async fn lost_and_late_bus_messages_are_filled_in_from_the_log() {
     );
 }
 
+#[tokio::test]
+async fn followers_that_take_bursts_in_batches_get_every_event_once_in_order_through_a_lag() {
+    // The smallest live ring, so that a follower that does not read for a
+    // while falls behind it and catches up from the log.
+    let app = TestApp::spawn(Engines::Embedded, |s| s.hub_queue = 16).await;
+    let topic = Topic::parse("batches").unwrap();
+    const EVENTS: u64 = 1 + 3 * 133;
+    let mut eager = Follower::start(&app.ctx.hub, &topic, 0, 100).await.unwrap();
+    let mut late = Follower::start(&app.ctx.hub, &topic, 0, 100).await.unwrap();
+    let lagged = app.ctx.metrics.hub_lagged.get();
+    // Taken as the edges take them: one delivery waited for, then whatever
+    // is at hand behind it.
+    async fn read(f: &mut Follower, got: &mut Vec<u64>, until: u64) {
+        while got.last().copied().unwrap_or(0) < until {
+            let first = tokio::time::timeout(Duration::from_secs(20), f.next())
+                .await
+                .unwrap_or_else(|_| panic!("stalled after {:?}", got.last()))
+                .expect("a delivery");
+            let mut batch = vec![first];
+            while let Some(d) = f.try_next() {
+                batch.push(d);
+            }
+            for d in batch {
+                match d {
+                    Delivery::Event(e) => got.push(e.seq()),
+                    other => panic!("unexpected delivery: {other:?}"),
+                }
+            }
+        }
+    }
+    // Both read the first event, so both then read live from the ring.
+    app.publish_ok("batches", json!(0)).await;
+    let (mut eager_got, mut late_got) = (Vec::new(), Vec::new());
+    read(&mut eager, &mut eager_got, 1).await;
+    read(&mut late, &mut late_got, 1).await;
+    // A burst that only one of them reads as it comes.
+    let reading = read(&mut eager, &mut eager_got, EVENTS);
+    let publishing = publish_from(&app, "batches", 3, (EVENTS - 1) / 3);
+    tokio::join!(reading, publishing);
+    read(&mut late, &mut late_got, EVENTS).await;
+    let want: Vec<u64> = (1..=EVENTS).collect();
+    assert_eq!(eager_got, want);
+    assert_eq!(late_got, want);
+    assert!(
+        app.ctx.metrics.hub_lagged.get() > lagged,
+        "the late follower fell behind the ring"
+    );
+}
+
 async fn resuming_from_a_pruned_position_yields_a_reset(engines: Engines) {
     let app = TestApp::spawn(engines, |_| {}).await;
     for i in 1..=10 {
