@@ -253,14 +253,14 @@ impl SseStream {
     }
 }
 
-/// An I/O error reading the socket: the connection broke, as opposed to
-/// the server sending something that is not an event stream.
+/// An I/O error on the socket, reading or writing: the connection broke, as
+/// opposed to the server sending something that is not an event stream.
 #[derive(Debug)]
 pub(crate) struct TransportError(pub(crate) std::io::Error);
 
 impl std::fmt::Display for TransportError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "reading the stream: {}", self.0)
+        write!(f, "the connection broke: {}", self.0)
     }
 }
 
