@@ -143,27 +143,8 @@ impl<T> Drop for Sender<T> {
 impl<T: Clone> Receiver<T> {
     /// The next value, without waiting.
     pub(crate) fn try_recv(&mut self) -> Result<T, TryRecvError> {
-        let mut state = self.shared.lock();
-        if self.next < state.head {
-            let missed = state.head - self.next;
-            self.next = state.head;
-            return Err(TryRecvError::Lagged(missed));
-        }
-        let at = (self.next - state.head) as usize;
-        let Some((value, unread)) = state.queue.get_mut(at) else {
-            return Err(if state.closed {
-                TryRecvError::Closed
-            } else {
-                TryRecvError::Empty
-            });
-        };
-        let value = value.clone();
-        *unread -= 1;
-        self.next += 1;
-        if at == 0 {
-            state.trim();
-        }
-        Ok(value)
+        // An empty queue allocates nothing, and one value leaves it empty.
+        self.try_recv_many(&mut VecDeque::new(), 1)
     }
 
     /// Like [`Receiver::try_recv`], and also up to `most - 1` values after
