@@ -54,7 +54,7 @@ use crate::{
     server::{
         self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, each_count,
         ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, now_us,
-        open_files_limit, print_json_lines, publisher_client, r3,
+        open_files_limit, print_json_lines, publisher_client, r3, spawn_clients,
     },
     sse_client, ws, ws_client,
 };
@@ -463,26 +463,18 @@ async fn measure(
                 last_seq,
                 retry_first: false,
             });
-            for id in 0..n {
+            spawn_clients(sockets, n, "socket", &tx, |_| {
                 let (plan, gate, tx) = (plan.clone(), gate.clone(), tx.clone());
-                sockets.spawn(async move {
-                    if let Err(e) = sse_client::follow(&plan, &gate, None, &tx).await {
-                        let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
-                    }
-                });
-            }
+                async move { sse_client::follow(&plan, &gate, None, &tx).await }
+            });
         }
         Wire::Ws => {
             let plan = Arc::new(ws::Plan::new(addr, "/ws", TOPIC, latency_events, last_seq));
-            for id in 0..n {
+            spawn_clients(sockets, n, "socket", &tx, |_| {
                 let (plan, gate, drops, tx) =
                     (plan.clone(), gate.clone(), drops.clone(), tx.clone());
-                sockets.spawn(async move {
-                    if let Err(e) = ws::follow(&plan, &gate, &drops, &tx).await {
-                        let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
-                    }
-                });
-            }
+                async move { ws::follow(&plan, &gate, &drops, &tx).await }
+            });
         }
     }
     drop(tx);

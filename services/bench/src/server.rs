@@ -26,7 +26,10 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::{sync::mpsc::UnboundedReceiver, task::JoinSet};
+use tokio::{
+    sync::mpsc::{UnboundedReceiver, UnboundedSender},
+    task::JoinSet,
+};
 
 /// What the clients (SSE streams, WebSockets) report to the run.
 pub(crate) enum Msg {
@@ -39,6 +42,28 @@ pub(crate) enum Msg {
     Done(Instant),
     /// The client failed; the run fails.
     Failed(String),
+}
+
+/// Starts `n` clients in `set`, the `id`th running `client(id)`; one that
+/// fails tells the run, as `Msg::Failed("{what} {id}: ...")`.
+pub(crate) fn spawn_clients<F, Fut>(
+    set: &mut JoinSet<()>,
+    n: usize,
+    what: &'static str,
+    tx: &UnboundedSender<Msg>,
+    client: F,
+) where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    for id in 0..n {
+        let (run, tx) = (client(id), tx.clone());
+        set.spawn(async move {
+            if let Err(e) = run.await {
+                let _ = tx.send(Msg::Failed(format!("{what} {id}: {e:#}")));
+            }
+        });
+    }
 }
 
 /// Clients that lost their connection and reconnected, in one run.

@@ -43,7 +43,7 @@ use crate::server::{
     self, Binaries, Burst, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout, Firsts, Idle,
     Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather, gather_last_done,
     gather_latencies, latency_events, mib, open_files_limit, print_json_lines, publish_at_rate,
-    publish_burst, publisher_client, r3,
+    publish_burst, publisher_client, r3, spawn_clients,
 };
 use crate::sse_client::{Plan, follow};
 
@@ -243,15 +243,11 @@ async fn measure(
     let gate = Arc::new(Semaphore::new(args.open_concurrency));
     let (tx, mut rx) = unbounded_channel();
     let opening = Instant::now();
-    for id in 0..n {
+    spawn_clients(streams, n, "stream", &tx, |id| {
         let plan = plans[id % plans.len()].clone();
         let (gate, drops, tx) = (gate.clone(), drops.clone(), tx.clone());
-        streams.spawn(async move {
-            if let Err(e) = follow(&plan, &gate, Some(&drops), &tx).await {
-                let _ = tx.send(Msg::Failed(format!("stream {id}: {e:#}")));
-            }
-        });
-    }
+        async move { follow(&plan, &gate, Some(&drops), &tx).await }
+    });
     drop(tx);
     gather(&mut rx, n, "streams", deadline, "opened", |msg| match msg {
         Msg::Opened => Ok(()),

@@ -62,7 +62,7 @@ use crate::{
         self, Binaries, Burst, CpuMark, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout,
         Firsts, Idle, Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather,
         gather_last_done, gather_latencies, latency_events, mib, ms, now_us, open_files_limit,
-        print_json_lines, publish_at_rate, publish_burst, publisher_client, r3,
+        print_json_lines, publish_at_rate, publish_burst, publisher_client, r3, spawn_clients,
     },
     sse_client::is_transport,
     ws_client::{Incoming, WsStream},
@@ -352,14 +352,10 @@ async fn measure(
     let gate = Arc::new(Semaphore::new(args.open_concurrency));
     let (tx, mut rx) = unbounded_channel();
     let opening = Instant::now();
-    for id in 0..n {
+    spawn_clients(sockets, n, "socket", &tx, |_| {
         let (plan, gate, drops, tx) = (plan.clone(), gate.clone(), drops.clone(), tx.clone());
-        sockets.spawn(async move {
-            if let Err(e) = follow(&plan, &gate, &drops, &tx).await {
-                let _ = tx.send(Msg::Failed(format!("socket {id}: {e:#}")));
-            }
-        });
-    }
+        async move { follow(&plan, &gate, &drops, &tx).await }
+    });
     drop(tx);
     gather(
         &mut rx,
