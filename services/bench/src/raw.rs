@@ -462,6 +462,8 @@ async fn measure(
                 latency_events,
                 last_seq,
                 retry_first: false,
+                // The frames' `time` is a fixed dummy.
+                commit_stamped: false,
             });
             spawn_clients(sockets, n, "socket", &tx, |_| {
                 let (plan, gate, tx) = (plan.clone(), gate.clone(), tx.clone());
@@ -469,7 +471,15 @@ async fn measure(
             });
         }
         Wire::Ws => {
-            let plan = Arc::new(ws::Plan::new(addr, "/ws", TOPIC, latency_events, last_seq));
+            // The frames' `time` is a fixed dummy: not commit stamped.
+            let plan = Arc::new(ws::Plan::new(
+                addr,
+                "/ws",
+                TOPIC,
+                latency_events,
+                last_seq,
+                false,
+            ));
             spawn_clients(sockets, n, "socket", &tx, |_| {
                 let (plan, gate, drops, tx) =
                     (plan.clone(), gate.clone(), drops.clone(), tx.clone());
@@ -498,13 +508,14 @@ async fn measure(
         .send()
         .await?;
     anyhow::ensure!(res.status() == 204, "/rate answered {}", res.status());
-    let hist = gather_latencies(
+    let latencies = gather_latencies(
         &mut rx,
         n,
         "sockets",
         deadline,
         "got the last latency frame",
         latency_events,
+        false,
     )
     .await?;
     let latency_cpu = cpu.used(server)?;
@@ -542,7 +553,7 @@ async fn measure(
             rss_before,
             rss_after,
         },
-        &hist,
+        &latencies.received,
         latency_cpu,
         Burst {
             deliveries: args.burst * n as u64,

@@ -37,11 +37,99 @@ pub(crate) enum Msg {
     /// chunk, a WebSocket's subscription ack).
     Opened,
     /// The last event of the latency scenario arrived: its latencies.
-    Latency(Box<Histogram<u32>>),
+    Latency(Box<Latencies>),
     /// The last event of the burst arrived, at that instant.
     Done(Instant),
     /// The client failed; the run fails.
     Failed(String),
+}
+
+/// What one client (or, merged, all clients of a run) recorded in the
+/// latency scenario, per latency event, in µs.
+pub(crate) struct Latencies {
+    /// Publish sent (`sent_us`, stamped by the bench) → event parsed by the
+    /// client.
+    pub(crate) received: Histogram<u32>,
+    /// Publish sent → the commit stamp the event carries (`time`, taken by
+    /// the publisher just before it commits the event): the part of the
+    /// latency that the ceiling does not pay. `None` when the events carry
+    /// no commit stamp (the ceiling's carry a fixed one).
+    pub(crate) to_commit: Option<Histogram<u32>>,
+}
+
+impl Latencies {
+    /// None recorded yet; sent → commit times too when `commit_stamped`.
+    pub(crate) fn new(commit_stamped: bool) -> anyhow::Result<Latencies> {
+        Ok(Latencies {
+            received: Histogram::new(2)?,
+            to_commit: commit_stamped.then(|| Histogram::new(2)).transpose()?,
+        })
+    }
+
+    /// Records one latency event, sent at `sent_us` and received at
+    /// `received_us`; when commit stamped, its `time` must be there and
+    /// read as RFC 3339 (it is not read otherwise).
+    pub(crate) fn record(
+        &mut self,
+        received_us: u64,
+        sent_us: u64,
+        time: Option<&str>,
+    ) -> anyhow::Result<()> {
+        if let Some(to_commit) = &mut self.to_commit {
+            let time = time.context("the event has no `time` (its commit stamp)")?;
+            to_commit.record(to_commit_us(time, sent_us)?)?;
+        }
+        self.received.record(received_us.saturating_sub(sent_us))?;
+        Ok(())
+    }
+
+    /// Adds a client's latencies to these, which must be commit stamped
+    /// alike.
+    fn add(&mut self, client: &Latencies) -> anyhow::Result<()> {
+        match (&mut self.to_commit, &client.to_commit) {
+            (Some(all), Some(one)) => all.add(one)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                anyhow::bail!("a client recorded no sent -> commit times, the events being stamped")
+            }
+            (None, Some(_)) => anyhow::bail!(
+                "a client recorded sent -> commit times, the events carrying no commit stamp"
+            ),
+        }
+        self.received.add(&client.received)?;
+        Ok(())
+    }
+
+    /// Checks that there is a latency for every one of `delivered`
+    /// deliveries, and as many sent → commit times when commit stamped.
+    fn check(&self, delivered: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.received.len() == delivered,
+            "recorded {} latencies for {delivered} deliveries",
+            self.received.len()
+        );
+        if let Some(to_commit) = &self.to_commit {
+            anyhow::ensure!(
+                to_commit.len() == delivered,
+                "recorded {} sent -> commit times for {delivered} deliveries",
+                to_commit.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Microseconds from `sent_us` (the bench's wall clock, µs since the UNIX
+/// epoch) to `time`, an event's commit stamp (RFC 3339, as the publisher
+/// writes it: `2026-12-01T17:10:00.123456Z`), taken by the same clock on the
+/// same machine; 0 for a stamp before `sent_us` (the clock stepped back).
+pub(crate) fn to_commit_us(time: &str, sent_us: u64) -> anyhow::Result<u64> {
+    // chrono as sqlx re-exports it: the crate the publisher stamps with,
+    // without a dependency of the bench's own.
+    let committed = sqlx::types::chrono::DateTime::parse_from_rfc3339(time)
+        .with_context(|| format!("the commit stamp `time` {time:?} is not RFC 3339"))?;
+    let committed_us = u64::try_from(committed.timestamp_micros()).unwrap_or(0);
+    Ok(committed_us.saturating_sub(sent_us))
 }
 
 /// Starts `n` clients in `set`, the `id`th running `client(id)`; one that
@@ -182,8 +270,10 @@ const MAX_BATCH: usize = 1000;
 /// The ceiling's publisher is a timer inside its own server, which the
 /// readers never delay.
 ///
-/// Returns how long each publish request took to be answered (µs): the
-/// commit, which the edges' latencies include and the ceiling's do not.
+/// Returns how long each publish request took to be answered (µs). The
+/// answer waits for the commit, and also behind the fan-out on the same
+/// server workers, so it overstates what a delivery waits for: the events'
+/// commit stamps (see [`Latencies`]) tell what the ceiling does not pay.
 pub(crate) async fn publish_at_rate(
     server: &Server,
     topics: &[String],
@@ -645,36 +735,227 @@ mod tests {
     }
 
     #[test]
-    fn publish_waits_are_read_from_the_answer_times_and_reported_as_medians() {
+    fn publish_waits_are_read_from_the_answer_and_commit_times_and_reported_as_medians() {
         let mut answered = Histogram::<u32>::new(3).unwrap_or_else(|e| panic!("{e}"));
         for us in 1..=1000 {
             answered.record(us * 10).unwrap_or_else(|e| panic!("{e}"));
         }
-        let one = PublishWaits::of(&answered);
-        assert!((one.p50_ms - 5.0).abs() < 0.01, "{one:?}");
-        assert!((one.p99_ms - 9.9).abs() < 0.01, "{one:?}");
-        assert!((one.max_ms - 10.0).abs() < 0.01, "{one:?}");
+        let mut to_commit = Histogram::<u32>::new(2).unwrap_or_else(|e| panic!("{e}"));
+        for us in 1..=100 {
+            to_commit.record(us).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let one = PublishWaits::of(&answered, &to_commit);
+        // Within the answer histogram's precision; the sent -> commit
+        // times, below 256 µs, are held exactly.
+        let near = |a: f64, b: f64| (a - b).abs() < 0.01;
+        assert!(near(one.answered.p50_ms, 5.0), "{one:?}");
+        assert!(near(one.answered.p99_ms, 9.9), "{one:?}");
+        assert!(near(one.answered.max_ms, 10.0), "{one:?}");
+        assert_eq!(
+            one.to_commit,
+            Waits {
+                p50_ms: 0.05,
+                p99_ms: 0.099,
+                max_ms: 0.1
+            }
+        );
         let runs = [
             one,
             PublishWaits {
-                p50_ms: 1.0,
-                p99_ms: 50.0,
-                max_ms: 90.0,
+                answered: Waits {
+                    p50_ms: 1.0,
+                    p99_ms: 50.0,
+                    max_ms: 90.0,
+                },
+                to_commit: Waits {
+                    p50_ms: 2.0,
+                    p99_ms: 3.0,
+                    max_ms: 4.0,
+                },
             },
             PublishWaits::default(),
         ];
         let m = PublishWaits::medians(&runs, |w| w);
-        assert_eq!(m.p50_ms, 1.0);
-        assert!((m.p99_ms - 9.9).abs() < 0.01, "{m:?}");
-        assert!((m.max_ms - 10.0).abs() < 0.01, "{m:?}");
+        assert_eq!(m.answered.p50_ms, 1.0);
+        assert!(near(m.answered.p99_ms, 9.9), "{m:?}");
+        assert!(near(m.answered.max_ms, 10.0), "{m:?}");
+        assert_eq!(m.to_commit, one.to_commit, "each the middle of three");
         let line = m.json(json!({"name": "x"}));
-        assert_eq!(line["publish_p50_ms"], json!(1.0));
         assert_eq!(line["name"], json!("x"));
-        assert_eq!(
-            PublishWaits::head().len(),
-            m.cells().len(),
-            "columns line up"
+        assert_eq!(line["publish_p50_ms"], json!(1.0));
+        assert_eq!(line["publish_p99_ms"], json!(r3(m.answered.p99_ms)));
+        assert_eq!(line["publish_max_ms"], json!(r3(m.answered.max_ms)));
+        assert_eq!(line["to_commit_p50_ms"], json!(0.05));
+        assert_eq!(line["to_commit_p99_ms"], json!(0.099));
+        assert_eq!(line["to_commit_max_ms"], json!(0.1));
+        let head = PublishWaits::head();
+        assert!(
+            head.contains("publish p99") && head.contains("to commit p99"),
+            "{head}"
         );
+        assert_eq!(head.len(), m.cells().len(), "columns line up");
+    }
+
+    #[test]
+    fn commit_stamps_are_read_as_microseconds_after_the_send() {
+        // 2026-12-01T17:10:00.123456Z, in µs since the epoch.
+        let stamp = 1_796_145_000_123_456;
+        let time = "2026-12-01T17:10:00.123456Z";
+        let us = |time: &str, sent_us: u64| {
+            to_commit_us(time, sent_us).unwrap_or_else(|e| panic!("{e:#}"))
+        };
+        assert_eq!(us(time, stamp - 1500), 1500);
+        assert_eq!(us(time, stamp), 0);
+        assert_eq!(us("2026-12-01T18:10:00.123456+01:00", stamp - 7), 7);
+        // A stamp before the send (the clock stepped back) is no wait.
+        assert_eq!(us(time, stamp + 250), 0);
+        for bad in ["", "yesterday", "2026-12-01 17:10:00", "1796145000123456"] {
+            let err = to_commit_us(bad, stamp)
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(err.contains("is not RFC 3339"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_commit_stamp_is_needed_and_read_only_when_the_events_are_stamped() {
+        let stamp = 1_796_145_000_123_456;
+        let time = "2026-12-01T17:10:00.123456Z";
+        let mut stamped = Latencies::new(true).unwrap_or_else(|e| panic!("{e}"));
+        stamped
+            .record(stamp + 50, stamp - 200, Some(time))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let to_commit = stamped.to_commit.as_ref().map(|h| (h.len(), h.max()));
+        assert_eq!(to_commit, Some((1, 200)));
+        assert_eq!((stamped.received.len(), stamped.received.max()), (1, 250));
+        let missing = stamped
+            .record(stamp, stamp, None)
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert!(
+            missing.as_deref().unwrap_or_default().contains("no `time`"),
+            "{missing:?}"
+        );
+        let bad = stamped
+            .record(stamp, stamp, Some("soon"))
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert!(
+            bad.as_deref()
+                .unwrap_or_default()
+                .contains("\"soon\" is not RFC 3339"),
+            "{bad:?}"
+        );
+        // The ceiling's fixed stamp is not read.
+        let mut ceiling = Latencies::new(false).unwrap_or_else(|e| panic!("{e}"));
+        for time in [Some("soon"), None] {
+            ceiling
+                .record(stamp + 100, stamp, time)
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        assert!(ceiling.to_commit.is_none());
+        assert_eq!(ceiling.received.len(), 2);
+    }
+
+    /// A client's report: these latencies and sent → commit times, in µs.
+    fn client(received: &[u64], to_commit: Option<&[u64]>) -> Msg {
+        let mut latencies = Latencies::new(to_commit.is_some()).unwrap_or_else(|e| panic!("{e}"));
+        for &us in received {
+            latencies
+                .received
+                .record(us)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        if let (Some(hist), Some(values)) = (&mut latencies.to_commit, to_commit) {
+            for &us in values {
+                hist.record(us).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        Msg::Latency(Box::new(latencies))
+    }
+
+    /// What `gather_latencies` makes of the `reports` of 2 clients, 2
+    /// events each.
+    async fn gathered(reports: Vec<Msg>, commit_stamped: bool) -> anyhow::Result<Latencies> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for msg in reports {
+            tx.send(msg)
+                .unwrap_or_else(|_| panic!("the channel is open"));
+        }
+        let deadline = Duration::from_secs(5);
+        gather_latencies(
+            &mut rx,
+            2,
+            "streams",
+            deadline,
+            "reported",
+            2,
+            commit_stamped,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn gathered_latencies_are_merged_and_counted() {
+        let reports = vec![
+            client(&[100, 200], Some(&[10, 20])),
+            client(&[150, 250], Some(&[15, 25])),
+        ];
+        let all = gathered(reports, true)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!((all.received.len(), all.received.max()), (4, 250));
+        let to_commit = all.to_commit.as_ref().map(|h| (h.len(), h.min(), h.max()));
+        assert_eq!(to_commit, Some((4, 10, 25)));
+
+        let ceiling = vec![client(&[100, 200], None), client(&[150, 250], None)];
+        let all = gathered(ceiling, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(all.received.len(), 4);
+        assert!(all.to_commit.is_none());
+
+        let err = |reports: Vec<Msg>, stamped: bool| async move {
+            gathered(reports, stamped)
+                .await
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default()
+        };
+        // A stamped run with a sent → commit time missing.
+        let missing = vec![
+            client(&[100, 200], Some(&[10])),
+            client(&[150, 250], Some(&[15, 25])),
+        ];
+        let e = err(missing, true).await;
+        assert!(
+            e.contains("recorded 3 sent -> commit times for 4 deliveries"),
+            "{e}"
+        );
+        // A latency missing.
+        let e = err(vec![client(&[100], None), client(&[150, 250], None)], false).await;
+        assert!(e.contains("recorded 3 latencies for 4 deliveries"), "{e}");
+        // A client without commit stamps in a stamped run, and one with
+        // them in a run without.
+        let e = err(
+            vec![
+                client(&[100, 200], None),
+                client(&[150, 250], Some(&[15, 25])),
+            ],
+            true,
+        )
+        .await;
+        assert!(e.contains("recorded no sent -> commit times"), "{e}");
+        let e = err(
+            vec![
+                client(&[100, 200], None),
+                client(&[150, 250], Some(&[15, 25])),
+            ],
+            false,
+        )
+        .await;
+        assert!(e.contains("the events carrying no commit stamp"), "{e}");
     }
 }
 
@@ -931,24 +1212,61 @@ impl PublisherCpu {
     }
 }
 
-/// How long the publishes of an edge's latency scenario took to be
-/// answered (request sent → `201`): the commit, which every delivery's
-/// latency includes and the ceiling's does not. Kept apart, so that a slow
-/// disk's tail can be told from the fan-out's.
+/// p50, p99 and max of one of the waits of [`PublishWaits`], in ms.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct PublishWaits {
+pub(crate) struct Waits {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) max_ms: f64,
 }
 
+impl Waits {
+    /// From one run's waits, in µs.
+    pub(crate) fn of(waits: &Histogram<u32>) -> Waits {
+        Waits {
+            p50_ms: ms(waits.value_at_quantile(0.5)),
+            p99_ms: ms(waits.value_at_quantile(0.99)),
+            max_ms: ms(waits.max()),
+        }
+    }
+
+    /// The median of each figure over the runs (`get` finds the figures in
+    /// a run's).
+    fn medians<R>(runs: &[R], get: impl Fn(&R) -> &Waits) -> Waits {
+        Waits {
+            p50_ms: median(runs, |r| get(r).p50_ms),
+            p99_ms: median(runs, |r| get(r).p99_ms),
+            max_ms: median(runs, |r| get(r).max_ms),
+        }
+    }
+}
+
+/// How long the publishes of an edge's latency scenario took, besides the
+/// deliveries' latencies, so that the commit's tail can be told from the
+/// fan-out's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct PublishWaits {
+    /// Publish request sent → its `201`. The answer waits for the commit,
+    /// and also behind the fan-out on the same server workers, so it
+    /// overstates what a delivery waits for.
+    pub(crate) answered: Waits,
+    /// Publish sent → the commit stamp (`time`) of its event, as every
+    /// client read it: what a delivery waits for before the fan-out, and
+    /// what the ceiling does not pay.
+    pub(crate) to_commit: Waits,
+}
+
+/// The figures of [`PublishWaits`], in its order: the words of the latency
+/// table's column heads and the start of the JSON keys.
+const PUBLISH_WAITS: [(&str, &str); 2] = [("publish", "publish"), ("to commit", "to_commit")];
+
 impl PublishWaits {
-    /// From the answer times, in µs, of one run's publishes.
-    pub(crate) fn of(answered: &Histogram<u32>) -> PublishWaits {
+    /// From one run's answer times of the publishes and sent → commit
+    /// times of the events, in µs.
+    pub(crate) fn of(answered: &Histogram<u32>, to_commit: &Histogram<u32>) -> PublishWaits {
         PublishWaits {
-            p50_ms: ms(answered.value_at_quantile(0.5)),
-            p99_ms: ms(answered.value_at_quantile(0.99)),
-            max_ms: ms(answered.max()),
+            answered: Waits::of(answered),
+            to_commit: Waits::of(to_commit),
         }
     }
 
@@ -956,37 +1274,46 @@ impl PublishWaits {
     /// a run's).
     pub(crate) fn medians<R>(runs: &[R], get: fn(&R) -> &PublishWaits) -> PublishWaits {
         PublishWaits {
-            p50_ms: median(runs, |r| get(r).p50_ms),
-            p99_ms: median(runs, |r| get(r).p99_ms),
-            max_ms: median(runs, |r| get(r).max_ms),
+            answered: Waits::medians(runs, |r| &get(r).answered),
+            to_commit: Waits::medians(runs, |r| &get(r).to_commit),
         }
+    }
+
+    fn each(&self) -> [&Waits; 2] {
+        [&self.answered, &self.to_commit]
     }
 
     /// The latency table's columns for these figures.
     pub(crate) fn head() -> String {
-        format!(
-            " {:>13} {:>13} {:>13}",
-            "publish p50", "publish p99", "publish max"
-        )
+        PUBLISH_WAITS
+            .iter()
+            .map(|(head, _)| {
+                format!(
+                    " {:>13} {:>13} {:>13}",
+                    format!("{head} p50"),
+                    format!("{head} p99"),
+                    format!("{head} max")
+                )
+            })
+            .collect()
     }
 
     pub(crate) fn cells(&self) -> String {
-        format!(
-            " {:>13.2} {:>13.2} {:>13.2}",
-            self.p50_ms, self.p99_ms, self.max_ms
-        )
+        self.each()
+            .iter()
+            .map(|w| format!(" {:>13.2} {:>13.2} {:>13.2}", w.p50_ms, w.p99_ms, w.max_ms))
+            .collect()
     }
 
-    /// `line`, a JSON object, with `publish_p50_ms`, `publish_p99_ms` and
-    /// `publish_max_ms`.
+    /// `line`, a JSON object, with `publish_p50_ms`, `publish_p99_ms`,
+    /// `publish_max_ms`, `to_commit_p50_ms`, `to_commit_p99_ms` and
+    /// `to_commit_max_ms`.
     pub(crate) fn json(&self, mut line: serde_json::Value) -> serde_json::Value {
         if let Some(line) = line.as_object_mut() {
-            for (name, value) in [
-                ("publish_p50_ms", self.p50_ms),
-                ("publish_p99_ms", self.p99_ms),
-                ("publish_max_ms", self.max_ms),
-            ] {
-                line.insert(name.to_owned(), json!(r3(value)));
+            for ((_, key), w) in PUBLISH_WAITS.iter().zip(self.each()) {
+                for (figure, value) in [("p50", w.p50_ms), ("p99", w.p99_ms), ("max", w.max_ms)] {
+                    line.insert(format!("{key}_{figure}_ms"), json!(r3(value)));
+                }
             }
         }
         line
@@ -1121,7 +1448,8 @@ pub(crate) fn print_json_lines(common: &serde_json::Value, lines: Vec<serde_json
 }
 
 /// The latency scenario's wait: every client's latencies, `events` of them
-/// per client, as one histogram.
+/// per client, merged; with as many sent → commit times when the events
+/// are `commit_stamped`, none otherwise.
 pub(crate) async fn gather_latencies(
     rx: &mut UnboundedReceiver<Msg>,
     n: usize,
@@ -1129,20 +1457,16 @@ pub(crate) async fn gather_latencies(
     deadline: Duration,
     what: &str,
     events: u64,
-) -> anyhow::Result<Histogram<u32>> {
-    let mut hist = Histogram::<u32>::new(2)?;
+    commit_stamped: bool,
+) -> anyhow::Result<Latencies> {
+    let mut all = Latencies::new(commit_stamped)?;
     gather(rx, n, clients, deadline, what, |msg| match msg {
-        Msg::Latency(h) => Ok(hist.add(&*h)?),
+        Msg::Latency(client) => all.add(&client),
         _ => anyhow::bail!("unexpected report during the latency scenario"),
     })
     .await?;
-    let delivered = events * n as u64;
-    anyhow::ensure!(
-        hist.len() == delivered,
-        "recorded {} latencies for {delivered} deliveries",
-        hist.len()
-    );
-    Ok(hist)
+    all.check(events * n as u64)?;
+    Ok(all)
 }
 
 /// The burst's wait: when the last client had the last event (`started`,

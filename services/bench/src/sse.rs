@@ -14,8 +14,10 @@
 //!    and its first `retry:` chunk), waits `--settle-ms`, and reads it again;
 //! 2. latency at a fixed rate: publishes `--rate` events per second for
 //!    `--seconds`, each carrying the wall-clock time it was sent at; every
-//!    stream records, per event, arrival time minus send time, and checks
-//!    that it saw every seq exactly once and in order;
+//!    stream records, per event, arrival time minus send time, and the
+//!    event's commit stamp (`time`) minus send time (sent → commit, which
+//!    the ceiling does not pay), and checks that it saw every seq exactly
+//!    once and in order;
 //! 3. saturation: publishes `--burst` events as batch requests of `--batch`,
 //!    as fast as `--publishers` concurrent publishers can, and measures
 //!    deliveries (events × streams) per second from the first publish to the
@@ -33,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use serde_json::json;
 use tokio::{
     sync::{Semaphore, mpsc::unbounded_channel},
@@ -108,7 +111,8 @@ struct Figure {
     fanout: Fanout,
     /// The publisher process's CPU in the latency and saturation scenarios.
     publisher_cpu: PublisherCpu,
-    /// The latency scenario's publish requests, sent → answered.
+    /// The latency scenario's publishes, sent → answered and sent →
+    /// committed.
     publish: PublishWaits,
     /// Streams the server ended and the bench reopened, whole run.
     closed: f64,
@@ -233,6 +237,7 @@ async fn measure(
                 latency_events,
                 last_seq: latency_events + burst,
                 retry_first: true,
+                commit_stamped: true,
             })
         })
         .collect();
@@ -262,15 +267,20 @@ async fn measure(
     let cpu = DeploymentCpuMark::now(deployment)?;
     let answered =
         publish_at_rate(deployment.publish_to(), &topics, latency_events, args.rate).await?;
-    let hist = gather_latencies(
+    let latencies = gather_latencies(
         &mut rx,
         n,
         "streams",
         deadline,
         "got the last latency event",
         latency_events,
+        true,
     )
     .await?;
+    let to_commit = latencies
+        .to_commit
+        .as_ref()
+        .context("the streams recorded no sent -> commit times")?;
     let (latency_cpu, latency_publisher_cpu) = cpu.used(deployment)?;
 
     // 3. Saturation.
@@ -307,7 +317,7 @@ async fn measure(
                 rss_before,
                 rss_after,
             },
-            &hist,
+            &latencies.received,
             latency_cpu,
             Burst {
                 deliveries: burst * n as u64,
@@ -320,7 +330,7 @@ async fn measure(
             latency_secs: latency_publisher_cpu,
             burst_secs: burst_publisher_cpu,
         },
-        publish: PublishWaits::of(&answered),
+        publish: PublishWaits::of(&answered, to_commit),
         closed,
         broken,
     })

@@ -19,7 +19,6 @@
 use std::{net::SocketAddr, time::Instant};
 
 use anyhow::Context as _;
-use hdrhistogram::Histogram;
 use serde::Deserialize;
 use tokio::{
     io::AsyncReadExt,
@@ -30,7 +29,7 @@ use tokio::{
 
 use crate::{
     http1::{Opened, READ},
-    server::{Drops, Msg, now_us},
+    server::{Drops, Latencies, Msg, now_us},
 };
 
 /// Longest response head or chunk-size line accepted.
@@ -342,6 +341,9 @@ struct Message {
     topic: String,
     seq: u64,
     data: Sent,
+    /// The commit stamp (RFC 3339), read only when the plan says the events
+    /// are commit stamped.
+    time: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -361,6 +363,9 @@ pub(crate) struct Plan {
     pub(crate) last_seq: u64,
     /// The stream begins with a `retry:` block (the edge's do).
     pub(crate) retry_first: bool,
+    /// The events' `time` is their commit stamp (the edge's; the ceiling's
+    /// is a fixed one): sent → commit is recorded too.
+    pub(crate) commit_stamped: bool,
 }
 
 /// One stream: opens it, then reads events until the burst's last one,
@@ -381,7 +386,7 @@ pub(crate) async fn follow(
     if tx.send(Msg::Opened).is_err() {
         return Ok(());
     }
-    let mut hist = Histogram::<u32>::new(2)?;
+    let mut latencies = Latencies::new(plan.commit_stamped)?;
     let mut last = 0;
     while last < plan.last_seq {
         let block = match stream.next().await {
@@ -439,9 +444,11 @@ pub(crate) async fn follow(
                 m.topic,
                 m.seq
             );
-            hist.record(received.saturating_sub(m.data.sent_us))?;
+            latencies
+                .record(received, m.data.sent_us, m.time.as_deref())
+                .with_context(|| format!("event id {id:?}"))?;
             if seq == plan.latency_events {
-                let done = std::mem::replace(&mut hist, Histogram::new(2)?);
+                let done = std::mem::replace(&mut latencies, Latencies::new(plan.commit_stamped)?);
                 if tx.send(Msg::Latency(Box::new(done))).is_err() {
                     return Ok(());
                 }
@@ -578,6 +585,77 @@ mod tests {
         let reply = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n\r\n";
         let err = blocks(reply).await.unwrap_err().to_string();
         assert!(err.contains("text/plain"), "{err}");
+    }
+
+    /// What [`follow`] reports of an edge-like stream of topic `t` whose
+    /// events 1 and 2 (of 3) are the latency scenario's, the first stamped
+    /// `times[0]` and the second `times[1]` (`None`: 200 µs after the send).
+    async fn followed(times: [Option<&str>; 2], commit_stamped: bool) -> anyhow::Result<Latencies> {
+        let sent_us = now_us() - 1000;
+        let committed = sqlx::types::chrono::DateTime::from_timestamp_micros(sent_us as i64 + 200)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        let mut body = "retry: 1000\n\n".to_owned();
+        for (seq, time) in times.iter().enumerate() {
+            let seq = seq + 1;
+            let data = serde_json::json!({
+                "topic": "t", "seq": seq, "type": "message", "data": {"sent_us": sent_us},
+                "time": time.unwrap_or(&committed),
+            });
+            body.push_str(&format!("id: t:{seq}\nevent: message\ndata: {data}\n\n"));
+        }
+        body.push_str("id: t:3\nevent: message\ndata: {}\n\n");
+        let plan = Plan {
+            addr: serve(chunked(&body).into_bytes()).await,
+            path: "/s".to_owned(),
+            topic: "t".to_owned(),
+            latency_events: 2,
+            last_seq: 3,
+            retry_first: true,
+            commit_stamped,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move { follow(&plan, &Semaphore::new(1), None, &tx).await });
+        let mut latencies = None;
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Latency(l) => latencies = Some(*l),
+                Msg::Done(_) => {
+                    task.abort();
+                    return latencies.context("no latencies before the last event");
+                }
+                _ => {}
+            }
+        }
+        task.await??;
+        anyhow::bail!("the stream ended before its last event")
+    }
+
+    #[tokio::test]
+    async fn the_commit_stamps_of_latency_events_are_read_when_stamped() {
+        let stamped = followed([None, None], true)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(stamped.received.len(), 2);
+        assert!(stamped.received.min() >= 1000, "received after the send");
+        let to_commit = stamped.to_commit.map(|h| (h.len(), h.min(), h.max()));
+        assert_eq!(to_commit, Some((2, 200, 200)));
+        // The ceiling's stamp is not read.
+        let ceiling = followed([Some("2026-11-28T12:00:00.000000Z"), Some("fixed")], false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(ceiling.received.len(), 2);
+        assert!(ceiling.to_commit.is_none());
+        // A stamp that does not parse fails the stream.
+        let err = followed([None, Some("2026-13-45T00:00:00Z")], true)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            err.contains("event id \"t:2\"") && err.contains("is not RFC 3339"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -16,8 +16,10 @@
 //!    ack), waits `--settle-ms`, and reads it again;
 //! 2. latency at a fixed rate: publishes `--rate` events per second over HTTP
 //!    for `--seconds`, each carrying the wall-clock time it was sent at; every
-//!    socket records, per event, arrival time minus send time, and checks
-//!    that it saw every seq exactly once and in order;
+//!    socket records, per event, arrival time minus send time, and the
+//!    event's commit stamp (`time`) minus send time (sent → commit, which
+//!    the ceiling does not pay), and checks that it saw every seq exactly
+//!    once and in order;
 //! 3. saturation: publishes `--burst` events over HTTP as batch requests of
 //!    `--batch`, as fast as `--publishers` concurrent publishers can, and
 //!    measures deliveries (events × sockets) per second from the first
@@ -60,9 +62,10 @@ use tokio_tungstenite::{
 use crate::{
     server::{
         self, Binaries, Burst, CpuMark, DeployArgs, Deployment, DeploymentCpuMark, Drops, Fanout,
-        Firsts, Idle, Msg, Outcome, PublishWaits, PublisherCpu, each_count, ensure_all_ran, gather,
-        gather_last_done, gather_latencies, latency_events, mib, ms, now_us, open_files_limit,
-        print_json_lines, publish_at_rate, publish_burst, publisher_client, r3, spawn_clients,
+        Firsts, Idle, Latencies, Msg, Outcome, PublishWaits, PublisherCpu, each_count,
+        ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, ms,
+        now_us, open_files_limit, print_json_lines, publish_at_rate, publish_burst,
+        publisher_client, r3, spawn_clients,
     },
     sse_client::is_transport,
     ws_client::{Incoming, WsStream},
@@ -127,7 +130,8 @@ struct Figure {
     /// The publisher process's CPU in the latency and saturation scenarios
     /// (publishes over the WebSocket go to the edge).
     publisher_cpu: PublisherCpu,
-    /// The latency scenario's publish requests, sent → answered.
+    /// The latency scenario's publishes, sent → answered and sent →
+    /// committed.
     publish: PublishWaits,
     /// Publish frame sent → its ack read, over the WebSocket.
     ack_p50_ms: f64,
@@ -160,18 +164,22 @@ pub(crate) struct Plan {
     /// How the edge's event frames on the topic begin, up to the seq: see
     /// [`quick_seq`].
     event_start: Vec<u8>,
+    /// The events' `time` is their commit stamp (the edge's; the ceiling's
+    /// is a fixed one): sent → commit is recorded too.
+    commit_stamped: bool,
 }
 
 impl Plan {
     /// Sockets of `addr`'s WebSocket at `path`, subscribed to `topic`, whose
-    /// seqs up to `latency_events` measure latency, the run ending at
-    /// `last_seq`.
+    /// seqs up to `latency_events` measure latency (and sent → commit, when
+    /// the events are `commit_stamped`), the run ending at `last_seq`.
     pub(crate) fn new(
         addr: SocketAddr,
         path: &str,
         topic: &str,
         latency_events: u64,
         last_seq: u64,
+        commit_stamped: bool,
     ) -> Plan {
         Plan {
             topic: topic.to_owned(),
@@ -180,6 +188,7 @@ impl Plan {
             latency_events,
             last_seq,
             event_start: event_start(topic),
+            commit_stamped,
         }
     }
 }
@@ -199,6 +208,8 @@ struct Frame<'a> {
     event_type: Option<&'a str>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    /// Events: the commit stamp (RFC 3339).
+    time: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -343,6 +354,7 @@ async fn measure(
         &topic,
         latency_events,
         latency_events + args.burst,
+        true,
     ));
     let deadline = Duration::from_secs(args.timeout);
 
@@ -382,15 +394,20 @@ async fn measure(
         args.rate,
     )
     .await?;
-    let hist = gather_latencies(
+    let latencies = gather_latencies(
         &mut rx,
         n,
         "sockets",
         deadline,
         "got the last latency event",
         latency_events,
+        true,
     )
     .await?;
+    let to_commit = latencies
+        .to_commit
+        .as_ref()
+        .context("the sockets recorded no sent -> commit times")?;
     let (latency_cpu, latency_publisher_cpu) = cpu.used(deployment)?;
 
     // 3. Saturation.
@@ -445,7 +462,7 @@ async fn measure(
             latency_secs: latency_publisher_cpu,
             burst_secs: burst_publisher_cpu,
         },
-        publish: PublishWaits::of(&answered),
+        publish: PublishWaits::of(&answered, to_commit),
         closed: drops.closed.load(Ordering::Relaxed) as f64,
         broken: drops.broken.load(Ordering::Relaxed) as f64,
         fanout: Fanout::measured(
@@ -455,7 +472,7 @@ async fn measure(
                 rss_before,
                 rss_after,
             },
-            &hist,
+            &latencies.received,
             latency_cpu,
             Burst {
                 deliveries: args.burst * n as u64,
@@ -485,12 +502,12 @@ pub(crate) async fn follow(
     if tx.send(Msg::Opened).is_err() {
         return Ok(());
     }
-    let mut hist = Histogram::<u32>::new(2)?;
+    let mut latencies = Latencies::new(plan.commit_stamped)?;
     let mut last = 0;
     loop {
         match ws.next().await {
             Ok(Some(Incoming::Text(text))) => {
-                if !on_event(plan, text, &mut last, &mut hist, tx)? {
+                if !on_event(plan, text, &mut last, &mut latencies, tx)? {
                     return Ok(());
                 }
                 continue;
@@ -519,13 +536,13 @@ pub(crate) async fn follow(
 }
 
 /// One event frame read by [`follow`]: checks it comes next, records its
-/// latency and reports what the run waits for; false once the run stopped
-/// listening.
+/// latency (and sent → commit, when stamped) and reports what the run waits
+/// for; false once the run stopped listening.
 fn on_event(
     plan: &Plan,
     text: &[u8],
     last: &mut u64,
-    hist: &mut Histogram<u32>,
+    latencies: &mut Latencies,
     tx: &UnboundedSender<Msg>,
 ) -> anyhow::Result<bool> {
     // A burst event needs only its seq, as the SSE client reads only its id.
@@ -557,9 +574,11 @@ fn on_event(
                     .with_context(|| format!("event {seq} has no data: {}", shown()))?;
                 let sent: Sent = serde_json::from_str(data.get())
                     .with_context(|| format!("event {seq} data {:?}", data.get()))?;
-                hist.record(received.saturating_sub(sent.sent_us))?;
+                latencies
+                    .record(received, sent.sent_us, frame.time)
+                    .with_context(|| format!("event {seq}: {}", shown()))?;
                 if seq == plan.latency_events {
-                    let done = std::mem::replace(hist, Histogram::new(2)?);
+                    let done = std::mem::replace(latencies, Latencies::new(plan.commit_stamped)?);
                     if tx.send(Msg::Latency(Box::new(done))).is_err() {
                         return Ok(false);
                     }
@@ -1005,6 +1024,57 @@ mod tests {
         ] {
             assert_eq!(quick_seq(other.as_bytes(), &start), None, "{other}");
         }
+    }
+
+    #[test]
+    fn latency_events_record_sent_to_commit_only_when_stamped() {
+        // 2026-12-01T17:10:00.123456Z, in µs since the epoch.
+        let stamp = 1_796_145_000_123_456u64;
+        let sent_us = stamp - 250;
+        let event = |seq: u64, time: Option<&str>| {
+            let time = time.map_or_else(String::new, |t| format!(r#","time":"{t}""#));
+            format!(
+                r#"{{"op":"event","topic":"t","seq":{seq},"type":"message","data":{{"sent_us":{sent_us}}}{time}}}"#
+            )
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (tx, mut rx) = unbounded_channel();
+        // Events 1 and 2 of 3 are the latency scenario's.
+        let mut read = |plan: &Plan, frames: &[String]| -> anyhow::Result<Option<Latencies>> {
+            let (mut last, mut latencies) = (0, Latencies::new(plan.commit_stamped)?);
+            for frame in frames {
+                on_event(plan, frame.as_bytes(), &mut last, &mut latencies, &tx)?;
+            }
+            Ok(match rx.try_recv() {
+                Ok(Msg::Latency(l)) => Some(*l),
+                _ => None,
+            })
+        };
+        let time = Some("2026-12-01T17:10:00.123456Z");
+        let stamped = Plan::new(addr, "/v1/ws", "t", 2, 3, true);
+        let got = read(&stamped, &[event(1, time), event(2, time)])
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .unwrap_or_else(|| panic!("no latencies after the last latency event"));
+        assert_eq!(got.received.len(), 2);
+        let to_commit = got.to_commit.map(|h| (h.len(), h.min(), h.max()));
+        assert_eq!(to_commit, Some((2, 250, 250)));
+        for (time, says) in [
+            (None, "no `time`"),
+            (Some("2026-12-01T17:10:00"), "is not RFC 3339"),
+        ] {
+            let err = read(&stamped, &[event(1, time)])
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(err.contains("event 1") && err.contains(says), "{err}");
+        }
+        // The ceiling's fixed stamp is not read.
+        let ceiling = Plan::new(addr, "/ws", "t", 2, 3, false);
+        let got = read(&ceiling, &[event(1, Some("fixed")), event(2, None)])
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .unwrap_or_else(|| panic!("no latencies after the last latency event"));
+        assert_eq!(got.received.len(), 2);
+        assert!(got.to_commit.is_none());
     }
 
     #[test]

@@ -107,6 +107,13 @@ fn check_common(lines: &[(String, Value)], reconnects: [&str; 2]) {
         "latency percentiles: {latency}"
     );
     assert!(latency["publish_p99_ms"].as_f64() > Some(0.0), "{latency}");
+    // Sent -> commit: read from the events' commit stamps, never negative.
+    let to_commit = ["to_commit_p50_ms", "to_commit_p99_ms", "to_commit_max_ms"]
+        .map(|key| latency[key].as_f64());
+    assert!(
+        to_commit[0] >= Some(0.0) && to_commit[1] >= to_commit[0] && to_commit[2] >= to_commit[1],
+        "sent -> commit: {latency}"
+    );
     let burst = figure(lines, "saturation");
     assert!(burst["deliveries_per_sec"].as_f64() > Some(0.0), "{burst}");
     for counted in reconnects {
@@ -143,6 +150,8 @@ fn the_ceiling_of_each_wire_is_read_whole_by_its_edges_client() {
         assert!(burst["deliveries_per_sec"].as_f64() > Some(0.0), "{burst}");
         let latency = figure(&lines, "latency");
         assert!(latency["p99_ms"].as_f64() > Some(0.0), "{latency}");
+        // Its frames carry no commit stamp.
+        assert!(latency.get("to_commit_p99_ms").is_none(), "{latency}");
     }
 }
 
