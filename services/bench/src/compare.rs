@@ -95,6 +95,12 @@ pub(crate) struct Args {
     /// Events (frames) per second in the latency scenario, passed to each.
     #[arg(long, default_value_t = 20.0)]
     rate: f64,
+    /// Seconds of publishing in the latency scenario, passed to each. With
+    /// the default 5 s at 20 events/s a run has 100 events, so a few slow
+    /// ones on a shared host set the p99 of the ceiling and of the edges
+    /// alike; a longer scenario steadies it.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
     /// NATS URL for the edges under test (sse, ws); without it, their
     /// in-process bus.
     #[arg(long, env = "RT_BENCH_NATS_URL")]
@@ -211,6 +217,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
     check_distributed(args.distributed, args.nats_url.as_deref())?;
     let exe = std::env::current_exe().context("cannot find the rt-bench executable")?;
     let bus = if args.nats_url.is_some() {
@@ -335,6 +342,8 @@ fn child_args(args: &Args, step: Step, n: usize) -> Vec<String> {
         args.runs.to_string(),
         "--rate".to_owned(),
         args.rate.to_string(),
+        "--seconds".to_owned(),
+        args.seconds.to_string(),
         "--quiet".to_owned(),
     ];
     if let Some(wire) = step.wire {
@@ -617,7 +626,7 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 4])]) {
     println!(
         "\nEdges against the raw ceiling: each scenario in a child process of its own, \
          one after the other (order: {order}), {} run{} each (median), edges {} on the {bus} bus, \
-         latency at {} events/s",
+         latency at {} events/s for {} s",
         args.runs,
         if args.runs == 1 { "" } else { "s" },
         if args.distributed {
@@ -626,7 +635,8 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 4])]) {
         } else {
             "all-in-one"
         },
-        args.rate
+        args.rate,
+        args.seconds
     );
     // The publisher's CPU, when the edges have one of their own.
     let publisher_head = if args.distributed {
@@ -731,7 +741,7 @@ fn print_report(args: &Args, bus: &str, reports: &[(usize, [Figures; 4])]) {
             .collect();
         let line = json!({
             "scenario": "compare", "name": format!("compare, {n} connections"),
-            "connections": n, "runs": args.runs, "rate": args.rate, "bus": bus,
+            "connections": n, "runs": args.runs, "rate": args.rate, "seconds": args.seconds, "bus": bus,
             "deployment": deployment,
             "order": labels,
             "raw_sse": raw_sse.to_json(), "sse": sse.to_json(),
@@ -867,6 +877,30 @@ mod tests {
             !child_args(&args, STEPS[1], 1000)
                 .iter()
                 .any(|a| a == "--distributed")
+        );
+    }
+
+    #[test]
+    fn the_latency_scenario_s_rate_and_length_are_passed_to_all_four() {
+        let value = |child: &[String], flag: &str| {
+            let at = child.iter().position(|a| a == flag);
+            at.and_then(|i| child.get(i + 1)).cloned()
+        };
+        let args = parse(&["compare", "--rate", "100", "--seconds", "20"]);
+        for step in STEPS {
+            let child = child_args(&args, step, 1000);
+            assert_eq!(value(&child, "--rate").as_deref(), Some("100"), "{child:?}");
+            assert_eq!(
+                value(&child, "--seconds").as_deref(),
+                Some("20"),
+                "{child:?}"
+            );
+        }
+        let child = child_args(&parse(&["compare"]), STEPS[0], 1000);
+        assert_eq!(
+            value(&child, "--seconds").as_deref(),
+            Some("5"),
+            "{child:?}"
         );
     }
 
