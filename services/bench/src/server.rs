@@ -83,6 +83,13 @@ impl Latencies {
         Ok(())
     }
 
+    /// The sent → commit times of a commit-stamped run.
+    pub(crate) fn stamped(&self) -> anyhow::Result<&Histogram<u32>> {
+        self.to_commit
+            .as_ref()
+            .context("the clients recorded no sent -> commit times")
+    }
+
     /// Adds a client's latencies to these, which must be commit stamped
     /// alike.
     fn add(&mut self, client: &Latencies) -> anyhow::Result<()> {

@@ -35,7 +35,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use serde_json::json;
 use tokio::{
     sync::{Semaphore, mpsc::unbounded_channel},
@@ -277,10 +276,7 @@ async fn measure(
         true,
     )
     .await?;
-    let to_commit = latencies
-        .to_commit
-        .as_ref()
-        .context("the streams recorded no sent -> commit times")?;
+    let to_commit = latencies.stamped()?;
     let (latency_cpu, latency_publisher_cpu) = cpu.used(deployment)?;
 
     // 3. Saturation.

@@ -337,13 +337,15 @@ pub(crate) fn parse_block<'a>(block: &'a [u8], data: &'a mut Vec<u8>) -> anyhow:
 
 /// The `data` of an event, as far as the bench reads it.
 #[derive(Deserialize)]
-struct Message {
+struct Message<'a> {
     topic: String,
     seq: u64,
     data: Sent,
     /// The commit stamp (RFC 3339), read only when the plan says the events
-    /// are commit stamped.
-    time: Option<String>,
+    /// are commit stamped; borrowed, so that the ceiling's streams, which
+    /// do not read it, do not allocate it either.
+    #[serde(borrow)]
+    time: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -445,7 +447,7 @@ pub(crate) async fn follow(
                 m.seq
             );
             latencies
-                .record(received, m.data.sent_us, m.time.as_deref())
+                .record(received, m.data.sent_us, m.time)
                 .with_context(|| format!("event id {id:?}"))?;
             if seq == plan.latency_events {
                 let done = std::mem::replace(&mut latencies, Latencies::new(plan.commit_stamped)?);

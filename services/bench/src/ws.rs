@@ -404,10 +404,7 @@ async fn measure(
         true,
     )
     .await?;
-    let to_commit = latencies
-        .to_commit
-        .as_ref()
-        .context("the sockets recorded no sent -> commit times")?;
+    let to_commit = latencies.stamped()?;
     let (latency_cpu, latency_publisher_cpu) = cpu.used(deployment)?;
 
     // 3. Saturation.
