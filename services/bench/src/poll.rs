@@ -54,6 +54,11 @@ pub(crate) struct Args {
     /// Runs; the median of each figure is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// The server's `--direct-streams`: `false` sends every poll through
+    /// actix-web instead of the connection front, to compare the two paths
+    /// with one build.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    direct_streams: bool,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -124,6 +129,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         database_url: Some(db.url.clone()),
         nats_url: args.services.nats_url.clone(),
         nats_prefix: format!("bench{}", uuid::Uuid::new_v4().simple()),
+        direct_streams: args.direct_streams,
         ..Settings::default()
     };
     let ctx = Context::connect(settings).await?;
@@ -392,7 +398,7 @@ fn print_report(args: &Args, f: &Figure) {
             "secs": r3(f.secs),
             "waiters": args.waiters, "events": args.events, "interval_ms": args.interval_ms,
             "limit": args.limit, "wait": args.wait, "runs": args.runs.max(1),
-            "bus": args.services.bus(),
+            "bus": args.services.bus(), "direct_streams": args.direct_streams,
         })
     );
 }

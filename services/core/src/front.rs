@@ -16,12 +16,19 @@
 //! that accepted it: a busy thread's streams are taken by the other, and a
 //! feed's wake-ups stay within one runtime.
 //!
-//! Everything else goes to actix-http untouched: other routes, later
-//! requests on a kept-alive connection, heads that are malformed, too large
-//! or slow to arrive, and every stream request the route refuses. A refused
-//! request is admitted again by the same code behind actix-web, which
-//! answers the error with the usual JSON body, CORS headers and metrics; so
-//! both paths answer alike.
+//! Requests of an [`AnswerRoute`] (long polls) are answered here too, one
+//! after another on a kept-alive connection: a wave of wake-ups to 1,000
+//! waiting polls is 1,000 responses at once, and actix-web's per-request
+//! work (dispatcher, router, extractors, middleware) was most of what the
+//! server spent on each. The route's own function answers on both paths,
+//! errors included, so the responses are the same.
+//!
+//! Everything else goes to actix-http untouched: other routes (and every
+//! request after one of them on the same connection), heads that are
+//! malformed, too large or slow to arrive, and every stream request the
+//! route refuses. A refused stream request is admitted again by the same
+//! code behind actix-web, which answers the error with the usual JSON body,
+//! CORS headers and metrics; so both paths answer alike.
 
 use std::{
     convert::Infallible,
@@ -37,7 +44,7 @@ use std::{
 
 use actix_web::{
     HttpResponse,
-    body::{BodyStream, BoxBody},
+    body::{BodySize, BodyStream, BoxBody, MessageBody},
     dev::{RequestHead, Service},
     error::PayloadError,
     http::{
@@ -52,7 +59,7 @@ use futures_util::{
     stream::{BoxStream, LocalBoxStream},
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpStream, tcp::OwnedReadHalf},
 };
 use tracing::Instrument;
@@ -104,6 +111,25 @@ pub struct StreamRoute {
     pub admit: Admit,
 }
 
+/// A route whose requests are answered once, maybe after a long wait (long
+/// polls): the front answers them itself, on a fresh connection and on every
+/// kept-alive request after it, until a request of another route hands the
+/// connection to actix-http. Its actix-web route must be mounted too (by the
+/// service's own `configure`), calling the same `answer`.
+#[derive(Clone, Copy)]
+pub struct AnswerRoute {
+    /// The route as actix-web names it (`http.route`, metrics labels).
+    pub pattern: &'static str,
+    /// Whether a request path (no query, not percent-decoded) is this route's.
+    pub matches: fn(&str) -> bool,
+    /// The answer to a `GET`: a sized body, or the error to answer.
+    pub answer: Answer,
+}
+
+/// Answers an [`AnswerRoute`]'s request from its head.
+pub type Answer =
+    for<'a> fn(&'a Context, &'a RequestHead) -> LocalBoxFuture<'a, Result<HttpResponse, ApiError>>;
+
 /// An admitted stream request.
 pub enum Accepted {
     /// A response whose body is sent (chunked) until it ends or the client
@@ -116,6 +142,8 @@ pub enum Accepted {
 
 /// The largest request head the front reads; a larger one goes to actix.
 const HEAD_LIMIT: usize = 8 * 1024;
+/// The buffer a head is first peeked into.
+const HEAD_FIRST: usize = 1024;
 /// Most headers in a head the front reads.
 const MAX_HEADERS: usize = 64;
 /// How often an incomplete head is peeked at again.
@@ -128,41 +156,65 @@ const WRITE_HIGH: usize = 32 * 1024;
 /// Bytes read from an upgraded socket at a time.
 const READ_CHUNK: usize = 4 * 1024;
 
-/// One worker's front: the stream routes and what serving them needs.
+/// One worker's front: the routes it serves and what serving them needs.
 pub(crate) struct Front {
     ctx: Context,
     streams: Vec<StreamRoute>,
+    answers: Vec<AnswerRoute>,
     /// How long the first bytes of a request may take (then actix, with
     /// its own request timeout, gets the connection).
     first_bytes: Duration,
 }
 
-/// A stream request, read from the peeked bytes.
+/// A request the front serves, read from the peeked bytes.
 struct Peeked {
     head: RequestHead,
     /// Bytes of the head on the socket.
     len: usize,
-    route: StreamRoute,
+    route: Route,
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    Stream(StreamRoute),
+    Answer(AnswerRoute),
 }
 
 enum Parsed {
-    Stream(Box<Peeked>),
-    /// Not a stream request the front serves.
+    Served(Box<Peeked>),
+    /// Not a request the front serves.
     Other,
     /// The head is not whole yet.
     Partial,
 }
 
+/// What comes next on a connection the front holds.
+enum Next {
+    Request(Box<Peeked>),
+    /// A request for actix-http: the connection is handed over untouched.
+    Other,
+    /// The client left, stayed silent past the keep-alive, or the process is
+    /// stopping: the connection is closed.
+    Closed,
+}
+
 impl Front {
-    pub(crate) fn new(ctx: Context, streams: Vec<StreamRoute>, first_bytes: Duration) -> Front {
+    pub(crate) fn new(
+        ctx: Context,
+        streams: Vec<StreamRoute>,
+        answers: Vec<AnswerRoute>,
+        first_bytes: Duration,
+    ) -> Front {
         Front {
             ctx,
             streams,
+            answers,
             first_bytes,
         }
     }
 
-    /// Serves a connection: a stream here, anything else through `http`.
+    /// Serves a connection: streams and answers here, anything else through
+    /// `http`.
     pub(crate) async fn connection<H>(
         self: Rc<Self>,
         io: TcpStream,
@@ -171,7 +223,7 @@ impl Front {
     where
         H: Service<(TcpStream, actix_http::Protocol, Option<SocketAddr>), Response = ()>,
     {
-        let io = if self.streams.is_empty() {
+        let io = if self.streams.is_empty() && self.answers.is_empty() {
             io
         } else {
             // Boxed: a connection's task holds only what its phase needs.
@@ -186,13 +238,45 @@ impl Front {
         call.await
     }
 
-    /// Serves the connection when it opens with a stream request the route
-    /// admits; gives it back untouched otherwise.
+    /// Serves the connection's requests while they are the front's: answers
+    /// one after another, then maybe a stream. Gives the connection back
+    /// untouched (its next request not yet read) for anything else.
     async fn serve(self: Rc<Self>, mut io: TcpStream) -> Result<(), TcpStream> {
-        let peeked = Box::pin(self.peek(&io)).await;
-        let Some(Peeked { head, len, route }) = peeked else {
-            return Err(io);
-        };
+        // The head buffer, made once there is something to read: a
+        // connection opened ahead of its first request holds none.
+        let mut buf = Vec::new();
+        let mut kept = false;
+        loop {
+            let next = Box::pin(self.peek(&io, &mut buf, kept)).await;
+            let peeked = match next {
+                Next::Request(peeked) => *peeked,
+                Next::Other => return Err(io),
+                Next::Closed => return Ok(()),
+            };
+            match peeked.route {
+                Route::Stream(route) => {
+                    return Box::pin(self.stream(io, peeked.head, peeked.len, route)).await;
+                }
+                Route::Answer(route) => {
+                    let answered = self.answer(&mut io, &mut buf, peeked, route);
+                    if !Box::pin(answered).await {
+                        return Ok(());
+                    }
+                    kept = true;
+                }
+            }
+        }
+    }
+
+    /// Serves a stream on the connection when the route admits it; gives
+    /// the connection back untouched otherwise.
+    async fn stream(
+        self: Rc<Self>,
+        mut io: TcpStream,
+        head: RequestHead,
+        len: usize,
+        route: StreamRoute,
+    ) -> Result<(), TcpStream> {
         let span = request_span(&head.method, route.path, &head.headers);
         let admitted = Box::pin((route.admit)(&self.ctx, &head))
             .instrument(span.clone())
@@ -221,7 +305,11 @@ impl Front {
         if let Some((origin, credentials)) = cors {
             crate::server::put_cors_headers(response.headers_mut(), &origin, credentials);
         }
-        let start = response_head(&response, matches!(body, Body::Stream(_)));
+        let framing = match body {
+            Body::Stream(_) => Framing::Chunked,
+            Body::Upgrade(_) => Framing::Upgrade,
+        };
+        let start = response_head(&response, framing);
         let (runtime, detached) = (self.ctx.hub.runtime().clone(), self.ctx.detached.clone());
         drop((response, head, self));
         // The rest is served on the main runtime: its threads take streams
@@ -249,38 +337,153 @@ impl Front {
         Ok(())
     }
 
-    /// Waits for the connection's first request head, and reads it when it
-    /// is a stream request the front serves.
-    async fn peek(&self, io: &TcpStream) -> Option<Peeked> {
-        // The buffer is made once there is something to read: a connection
-        // opened ahead of its first request holds none.
+    /// Answers one request of `route` on the socket; true when the
+    /// connection stays open for the next one.
+    async fn answer(
+        &self,
+        io: &mut TcpStream,
+        buf: &mut [u8],
+        peeked: Peeked,
+        route: AnswerRoute,
+    ) -> bool {
+        let Peeked { head, len, .. } = peeked;
+        // The head was peeked, so it is there to be read.
+        if io.read_exact(&mut buf[..len]).await.is_err() {
+            return false;
+        }
+        let span = request_span(&head.method, route.pattern, &head.headers);
+        let answering = (route.answer)(&self.ctx, &head).instrument(span.clone());
+        let answered = tokio::select! {
+            // An answer at hand is written without a look at the socket.
+            biased;
+            answered = answering => answered,
+            // A client that leaves mid-wait frees what its request holds.
+            () = client_gone(io) => return false,
+        };
+        let (mut response, body) = match answered {
+            Ok(response) => sized(response),
+            Err(e) => sized(actix_web::ResponseError::error_response(&e)),
+        };
+        let metrics = &self.ctx.metrics;
+        request_done(&span, Some(metrics), route.pattern, response.status());
+        drop(span);
+        metrics
+            .requests_direct
+            .with_label_values(&[route.pattern])
+            .inc();
+        if let Some((origin, credentials)) =
+            cors_allow(&self.ctx.settings.cors_origins, &head.headers)
+        {
+            crate::server::put_cors_headers(response.headers_mut(), &origin, credentials);
+        }
+        let close = wants_close(&head) || self.ctx.shutdown.is_started();
+        let mut out = response_head(
+            &response,
+            Framing::Sized(body.as_ref().map(Bytes::len), close),
+        );
+        if let Some(body) = body {
+            out.put_slice(&body);
+        }
+        io.write_all(&out).await.is_ok() && !close
+    }
+
+    /// Waits for the connection's next request head, and reads it when it is
+    /// a request the front serves. `kept`: a request was answered on the
+    /// connection already, which then closes rather than going to actix-http
+    /// when nothing comes within the keep-alive, the client leaves or the
+    /// process stops.
+    async fn peek(&self, io: &TcpStream, buf: &mut Vec<u8>, kept: bool) -> Next {
+        let not_served = || if kept { Next::Closed } else { Next::Other };
         let first = tokio::time::timeout(self.first_bytes, io.readable());
-        first.await.ok()?.ok()?;
-        let mut buf = vec![0; HEAD_LIMIT];
-        let mut seen = io.peek(&mut buf).await.ok()?;
+        let ready = if kept {
+            tokio::select! {
+                ready = first => ready,
+                () = self.ctx.shutdown.started() => return Next::Closed,
+            }
+        } else {
+            first.await
+        };
+        if !matches!(ready, Ok(Ok(()))) {
+            return not_served();
+        }
+        // Most heads fit the first size; a larger one is peeked at again.
+        if buf.is_empty() {
+            buf.resize(HEAD_FIRST, 0);
+        }
+        let Ok(mut seen) = io.peek(buf).await else {
+            return not_served();
+        };
         let deadline = tokio::time::Instant::now() + HEAD_WAIT;
         loop {
             if seen == 0 {
-                return None;
+                return not_served();
             }
-            match parse(&self.streams, &buf[..seen]) {
-                Parsed::Stream(peeked) => return Some(*peeked),
-                Parsed::Other => return None,
-                Parsed::Partial if seen == buf.len() => return None,
-                Parsed::Partial => {}
+            match parse(&self.streams, &self.answers, &buf[..seen]) {
+                Parsed::Served(peeked) => return Next::Request(peeked),
+                Parsed::Other => return Next::Other,
+                Parsed::Partial if seen == HEAD_LIMIT => return Next::Other,
+                Parsed::Partial if seen == buf.len() => buf.resize(HEAD_LIMIT, 0),
+                Parsed::Partial => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Next::Other;
+                    }
+                    tokio::time::sleep(PEEK_AGAIN).await;
+                }
             }
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(PEEK_AGAIN).await;
-            seen = io.peek(&mut buf).await.ok()?;
+            seen = match io.peek(buf).await {
+                Ok(seen) => seen,
+                Err(_) => return not_served(),
+            };
         }
     }
 }
 
-/// Reads `bytes` as the start of a connection: a stream request whole, or
-/// not one, or not known yet.
-fn parse(streams: &[StreamRoute], bytes: &[u8]) -> Parsed {
+/// A response's head, and its body as bytes (`None`: a status without a
+/// body, `204` and `304`, whose head has no `content-length` either, as
+/// actix-http writes them). A body that is not sized is a route's bug:
+/// answered as an internal error.
+fn sized(response: HttpResponse) -> (HttpResponse<()>, Option<Bytes>) {
+    let (response, body) = response.into_parts();
+    let bodiless = matches!(
+        response.status(),
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    );
+    if bodiless || matches!(body.size(), BodySize::None) {
+        return (response, None);
+    }
+    match body.try_into_bytes() {
+        Ok(bytes) => (response, Some(bytes)),
+        Err(_) => {
+            let e = ApiError::internal(anyhow::anyhow!("an answer route returned a streamed body"));
+            let (response, body) = actix_web::ResponseError::error_response(&e).into_parts();
+            (response, Some(body.try_into_bytes().unwrap_or_default()))
+        }
+    }
+}
+
+/// Whether the client asked to close the connection after this request.
+fn wants_close(head: &RequestHead) -> bool {
+    head.headers
+        .get_all("connection")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+/// Resolves when the client has closed its side (or the socket failed).
+/// Bytes waiting to be read (a pipelined request) mean the client is still
+/// there: then it never resolves.
+async fn client_gone(io: &TcpStream) {
+    let mut byte = [0; 1];
+    match io.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Reads `bytes` as the next request on a connection: a request the front
+/// serves, whole, or not one, or not known yet.
+fn parse(streams: &[StreamRoute], answers: &[AnswerRoute], bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let Ok(status) = req.parse(bytes) else {
@@ -291,7 +494,17 @@ fn parse(streams: &[StreamRoute], bytes: &[u8]) -> Parsed {
         return Parsed::Partial;
     };
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    let Some(route) = streams.iter().find(|r| r.path == path) else {
+    let stream = streams
+        .iter()
+        .find(|r| r.path == path)
+        .map(|r| Route::Stream(*r));
+    let route = stream.or_else(|| {
+        answers
+            .iter()
+            .find(|r| (r.matches)(path))
+            .map(|r| Route::Answer(*r))
+    });
+    let Some(route) = route else {
         return Parsed::Other;
     };
     if req.method != Some("GET") {
@@ -321,6 +534,7 @@ fn parse(streams: &[StreamRoute], bytes: &[u8]) -> Parsed {
     }
     // A request body (or a framing question about one) is actix's.
     let has_body = head.headers.contains_key("transfer-encoding")
+        || head.headers.contains_key("expect")
         || head
             .headers
             .get("content-length")
@@ -328,16 +542,26 @@ fn parse(streams: &[StreamRoute], bytes: &[u8]) -> Parsed {
     if has_body {
         return Parsed::Other;
     }
-    Parsed::Stream(Box::new(Peeked {
-        head,
-        len,
-        route: *route,
-    }))
+    Parsed::Served(Box::new(Peeked { head, len, route }))
 }
 
-/// The status line and headers, with `date`, and `transfer-encoding` for a
-/// chunked body or `connection` for a switch, as actix-http adds them.
-fn response_head(response: &HttpResponse<()>, chunked: bool) -> BytesMut {
+/// How a response's body follows its head.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// Chunks until the stream ends.
+    Chunked,
+    /// A switch of protocols (`101`).
+    Upgrade,
+    /// A body of this many bytes (none: a status without one), and whether
+    /// the connection closes after it.
+    Sized(Option<usize>, bool),
+}
+
+/// The status line and headers, with `date`, and the framing headers as
+/// actix-http writes them: `transfer-encoding` for a chunked body,
+/// `connection` for a switch, `content-length` (and `connection: close`)
+/// for a sized one.
+fn response_head(response: &HttpResponse<()>, framing: Framing) -> BytesMut {
     let status = response.status();
     let mut out = BytesMut::with_capacity(256);
     out.put_slice(b"HTTP/1.1 ");
@@ -351,15 +575,46 @@ fn response_head(response: &HttpResponse<()>, chunked: bool) -> BytesMut {
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
-    if chunked {
-        out.put_slice(b"transfer-encoding: chunked\r\n");
-    } else if status == StatusCode::SWITCHING_PROTOCOLS {
+    match framing {
+        Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
         // actix-http writes this from the response's connection type.
-        out.put_slice(b"connection: upgrade\r\n");
+        Framing::Upgrade => out.put_slice(b"connection: upgrade\r\n"),
+        Framing::Sized(len, close) => {
+            if let Some(len) = len {
+                // unwrap: writing into a BytesMut cannot fail
+                write!(out, "content-length: {len}\r\n").expect("BytesMut grows");
+            }
+            if close {
+                out.put_slice(b"connection: close\r\n");
+            }
+        }
     }
-    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
-    out.put_slice(format!("date: {date}\r\n\r\n").as_bytes());
+    out.put_slice(b"date: ");
+    put_date(&mut out);
+    out.put_slice(b"\r\n\r\n");
     out
+}
+
+thread_local! {
+    /// The `date` header's value for the current second, formatted once per
+    /// second per thread (a wave of poll answers writes thousands a second).
+    static DATE: std::cell::RefCell<(i64, String)> = const {
+        std::cell::RefCell::new((i64::MIN, String::new()))
+    };
+}
+
+/// Appends the HTTP date of now (`Tue, 01 Dec 2026 19:31:26 GMT`).
+fn put_date(out: &mut BytesMut) {
+    let now = chrono::Utc::now();
+    DATE.with_borrow_mut(|(second, formatted)| {
+        if *second != now.timestamp() {
+            *second = now.timestamp();
+            formatted.clear();
+            // unwrap: writing into a String cannot fail
+            write!(formatted, "{}", now.format("%a, %d %b %Y %H:%M:%S GMT")).expect("String grows");
+        }
+        out.put_slice(formatted.as_bytes());
+    });
 }
 
 /// Writes `start`, then the body as it comes (chunk-encoded when
@@ -475,7 +730,7 @@ impl Stream for SocketStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncWriteExt, duplex};
+    use tokio::io::duplex;
 
     fn refuse<'a>(
         _: &'a Context,
@@ -489,20 +744,99 @@ mod tests {
         admit: refuse,
     }];
 
+    fn nothing<'a>(
+        _: &'a Context,
+        _: &'a RequestHead,
+    ) -> LocalBoxFuture<'a, Result<HttpResponse, ApiError>> {
+        Box::pin(async { Ok(HttpResponse::NoContent().finish()) })
+    }
+
+    const ANSWERS: &[AnswerRoute] = &[AnswerRoute {
+        pattern: "/v1/things/{thing}",
+        matches: |path| path.starts_with("/v1/things/"),
+        answer: nothing,
+    }];
+
     fn parsed(bytes: &str) -> Parsed {
-        parse(ROUTES, bytes.as_bytes())
+        parse(ROUTES, ANSWERS, bytes.as_bytes())
     }
 
     #[test]
     fn a_whole_stream_request_is_read_with_its_length() {
         let req = "GET /v1/sse?topic=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: a:3\r\n\r\n";
-        let Parsed::Stream(p) = parsed(&format!("{req}trailing")) else {
+        let Parsed::Served(p) = parsed(&format!("{req}trailing")) else {
             panic!("not a stream request");
         };
         assert_eq!(p.len, req.len());
-        assert_eq!(p.route.path, "/v1/sse");
+        assert!(matches!(p.route, Route::Stream(r) if r.path == "/v1/sse"));
         assert_eq!(p.head.uri.query(), Some("topic=a"));
         assert_eq!(p.head.headers.get("last-event-id").unwrap(), "a:3");
+    }
+
+    #[test]
+    fn a_request_of_an_answer_route_is_read_with_its_length() {
+        let req = "GET /v1/things/a?wait=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let Parsed::Served(p) = parsed(&format!("{req}GET /next")) else {
+            panic!("not an answer request");
+        };
+        assert_eq!(p.len, req.len());
+        assert!(matches!(p.route, Route::Answer(r) if r.pattern == "/v1/things/{thing}"));
+        assert_eq!(p.head.uri.path(), "/v1/things/a");
+        assert!(wants_close(&p.head));
+        for other in [
+            "POST /v1/things/a HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "HEAD /v1/things/a HTTP/1.1\r\n\r\n",
+            "GET /v1/things/a HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET /v1/other HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(other), Parsed::Other), "{other:?}");
+        }
+        let Parsed::Served(kept) =
+            parsed("GET /v1/things/b HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n")
+        else {
+            panic!("not an answer request");
+        };
+        assert!(!wants_close(&kept.head));
+    }
+
+    #[test]
+    fn a_sized_head_carries_its_length_and_a_close() {
+        let ok = HttpResponse::Ok()
+            .content_type("application/json")
+            .finish()
+            .drop_body();
+        let head = response_head(&ok, Framing::Sized(Some(12), false));
+        let head = std::str::from_utf8(&head).unwrap();
+        assert!(
+            head.starts_with(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\ndate: "
+            ),
+            "{head}"
+        );
+        assert!(head.ends_with(" GMT\r\n\r\n"), "{head}");
+        assert!(!head.contains("connection"), "{head}");
+        let none = HttpResponse::NoContent().finish().drop_body();
+        let head = response_head(&none, Framing::Sized(None, true));
+        let head = std::str::from_utf8(&head).unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 204 No Content\r\nconnection: close\r\ndate: "),
+            "{head}"
+        );
+    }
+
+    #[test]
+    fn an_answer_body_is_taken_as_bytes_or_as_none() {
+        let (head, body) = sized(HttpResponse::Ok().body("{}"));
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(body.as_deref(), Some(&b"{}"[..]));
+        let (_, empty) = sized(HttpResponse::Ok().finish());
+        assert_eq!(empty.as_deref(), Some(&b""[..]));
+        let (_, none) = sized(HttpResponse::NotModified().finish());
+        assert_eq!(none, None, "a 304 has no body and no length");
+        let streamed = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"x"))]);
+        let (head, body) = sized(HttpResponse::Ok().streaming(streamed));
+        assert_eq!(head.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(String::from_utf8_lossy(&body.unwrap()).contains("\"internal\""));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub streams_open: IntGaugeVec,
     pub streams_closed: IntCounterVec,
     pub streams_direct: IntCounterVec,
+    pub requests_direct: IntCounterVec,
 }
 
 impl Metrics {
@@ -118,8 +119,18 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
+        let requests_direct = IntCounterVec::new(
+            Opts::new(
+                "requests_direct_total",
+                "Requests answered on their socket by the connection front (long polls, \
+                 and the later ones on the same kept-alive connection), by route",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests_direct.clone()),
             Box::new(events_committed.clone()),
             Box::new(commit_batch_events.clone()),
             Box::new(commit_seconds.clone()),
@@ -154,6 +165,7 @@ impl Metrics {
             streams_open,
             streams_closed,
             streams_direct,
+            requests_direct,
         }
     }
 

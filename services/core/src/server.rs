@@ -21,7 +21,7 @@ use crate::{
     config::Settings,
     context::Context,
     error::ApiError,
-    front::{Front, StreamRoute},
+    front::{AnswerRoute, Front, StreamRoute},
     http,
     metrics::Metrics,
     ops,
@@ -29,13 +29,14 @@ use crate::{
     telemetry,
 };
 
-/// What a service serves: its actix-web routes, and those of them whose
-/// responses last (see [`crate::front`]). The all-in-one binary merges
-/// every service's.
+/// What a service serves: its actix-web routes, and those of them that the
+/// connection front serves on the socket (see [`crate::front`]). The
+/// all-in-one binary merges every service's.
 #[derive(Clone, Default)]
 pub struct Routes {
     services: Vec<fn(&mut web::ServiceConfig)>,
     streams: Vec<StreamRoute>,
+    answers: Vec<AnswerRoute>,
 }
 
 impl Routes {
@@ -56,10 +57,19 @@ impl Routes {
         self
     }
 
+    /// Answers `route`'s requests on the socket itself, on a fresh
+    /// connection and on the kept-alive requests after it; its actix-web
+    /// route must be mounted too (by a [`Routes::service`]).
+    pub fn answer(mut self, route: AnswerRoute) -> Routes {
+        self.answers.push(route);
+        self
+    }
+
     /// Adds everything `other` serves.
     pub fn merge(mut self, other: Routes) -> Routes {
         self.services.extend(other.services);
         self.streams.extend(other.streams);
+        self.answers.extend(other.answers);
         self
     }
 
@@ -122,9 +132,9 @@ impl Application {
         let server = builder
             .listen("realtime-http", listener, move || {
                 let data = web::Data::new(ctx.clone());
-                let streams = match ctx.settings.direct_streams {
-                    true => routes.streams.clone(),
-                    false => Vec::new(),
+                let (streams, answers) = match ctx.settings.direct_streams {
+                    true => (routes.streams.clone(), routes.answers.clone()),
+                    false => (Vec::new(), Vec::new()),
                 };
                 let routes = routes.clone();
                 let app = App::new()
@@ -154,7 +164,7 @@ impl Application {
                     .client_disconnect_timeout(DISCONNECT_TIMEOUT)
                     .local_addr(addr)
                     .finish(map_config(app, |()| AppConfig::default()));
-                let front = Rc::new(Front::new(ctx.clone(), streams, REQUEST_TIMEOUT));
+                let front = Rc::new(Front::new(ctx.clone(), streams, answers, REQUEST_TIMEOUT));
                 let tuning = Tuning::from_settings(&ctx.settings);
                 fn_factory(move || {
                     let http = http.new_service(());

@@ -220,7 +220,7 @@ pub(crate) async fn read(
     let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = serde_json::to_string(&position_of(&followers).to_string())
         .map_err(|e| ApiError::internal(e.into()))?;
-    Ok(answer(&req, &ctx.settings, &params, collected, &next))
+    Ok(answer(req.head(), &ctx.settings, &params, collected, &next))
 }
 
 /// `POST /v1/cursors/{name}/commit` with `{"position":"a:13,b:40"}`: moves the

@@ -19,23 +19,28 @@ mod poll;
 
 use actix_web::{guard, web};
 
-/// What this service serves (its routes, as [`configure`] mounts them).
+/// What this service serves: its routes, as [`configure`] mounts them, with
+/// the two polling routes also answered by the connection front on the
+/// socket (see [`rt_core::front`]).
 pub fn routes() -> rt_core::server::Routes {
-    rt_core::server::Routes::new().service(configure)
+    rt_core::server::Routes::new()
+        .service(configure)
+        .answer(poll::topic_route())
+        .answer(poll::topics_route())
 }
 
 /// Adds the poll-api routes. Resources carry method guards so that the
 /// publisher's POST routes on the same paths can live in the same process.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/v1/topics/{topic:[^/]*}/events")
+        web::resource(poll::TOPIC_EVENTS)
             .guard(guard::Get())
-            .route(web::get().to(poll::poll_topic)),
+            .route(web::get().to(poll::topic_events)),
     )
     .service(
-        web::resource("/v1/events")
+        web::resource(poll::EVENTS)
             .guard(guard::Get())
-            .route(web::get().to(poll::poll_topics)),
+            .route(web::get().to(poll::events)),
     )
     .service(web::resource("/v1/cursors").route(web::get().to(cursors::list)))
     .service(

@@ -8,17 +8,18 @@ use std::{
 
 use actix_web::{
     HttpRequest, HttpResponse,
+    dev::RequestHead,
     http::header::{self, HeaderValue},
     web,
 };
 use bytes::{BufMut, BytesMut};
 use rt_core::{
     ApiError, Context, Position, Topic,
-    auth::Principal,
     config::Settings,
     event::parse_seq,
+    front::AnswerRoute,
     hub::{Delivery, Follower, HubError, SharedEvent},
-    query::{self, QueryPairs},
+    query,
     shutdown::Shutdown,
 };
 use serde::Serialize;
@@ -75,15 +76,69 @@ fn parse_wait(value: &str, max: Duration) -> Result<Duration, ApiError> {
     }
 }
 
-/// `GET /v1/topics/{topic}/events?after=N&limit=L&wait=S`
-pub(crate) async fn poll_topic(
+/// The route of one topic's events, as actix-web and the metrics name it.
+pub(crate) const TOPIC_EVENTS: &str = "/v1/topics/{topic:[^/]*}/events";
+/// The route of several topics' events.
+pub(crate) const EVENTS: &str = "/v1/events";
+
+/// The `{topic}` of a [`TOPIC_EVENTS`] path, when the path is one the
+/// connection front takes as it is: one segment, nothing percent-encoded
+/// (those go to actix-web, which decodes them).
+fn topic_segment(path: &str) -> Option<&str> {
+    let topic = path.strip_prefix("/v1/topics/")?.strip_suffix("/events")?;
+    (!topic.contains(['/', '%'])).then_some(topic)
+}
+
+/// The connection front's [`TOPIC_EVENTS`] route.
+pub(crate) fn topic_route() -> AnswerRoute {
+    AnswerRoute {
+        pattern: TOPIC_EVENTS,
+        matches: |path| topic_segment(path).is_some(),
+        answer: |ctx, head| {
+            Box::pin(async move {
+                // The front only hands over paths that match.
+                let topic = topic_segment(head.uri.path()).unwrap_or_default();
+                poll_topic(ctx, head, topic).await
+            })
+        },
+    }
+}
+
+/// The connection front's [`EVENTS`] route.
+pub(crate) fn topics_route() -> AnswerRoute {
+    AnswerRoute {
+        pattern: EVENTS,
+        matches: |path| path == EVENTS,
+        answer: |ctx, head| Box::pin(poll_topics(ctx, head)),
+    }
+}
+
+/// [`TOPIC_EVENTS`] behind actix-web.
+pub(crate) async fn topic_events(
     ctx: web::Data<Context>,
-    principal: Principal,
     path: web::Path<String>,
-    query: QueryPairs,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let topic = Topic::parse(&path)?;
+    poll_topic(&ctx, req.head(), &path).await
+}
+
+/// [`EVENTS`] behind actix-web.
+pub(crate) async fn events(
+    ctx: web::Data<Context>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    poll_topics(&ctx, req.head()).await
+}
+
+/// `GET /v1/topics/{topic}/events?after=N&limit=L&wait=S`
+async fn poll_topic(
+    ctx: &Context,
+    head: &RequestHead,
+    topic: &str,
+) -> Result<HttpResponse, ApiError> {
+    let principal = ctx.auth.authenticate(head)?;
+    let query = query::pairs(head)?;
+    let topic = Topic::parse(topic)?;
     let params = PollParams::parse(&query, &ctx.settings)?;
     let after = match query::single(&query, "after")? {
         None => 0,
@@ -98,16 +153,13 @@ pub(crate) async fn poll_topic(
     let mut followers = vec![Follower::start(&ctx.hub, &topic, after, params.limit).await?];
     let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = followers[0].position().to_string();
-    Ok(answer(&req, &ctx.settings, &params, collected, &next))
+    Ok(answer(head, &ctx.settings, &params, collected, &next))
 }
 
 /// `GET /v1/events?topic=a&topic=b&after=a:12,b:40&limit=L&wait=S`
-pub(crate) async fn poll_topics(
-    ctx: web::Data<Context>,
-    principal: Principal,
-    query: QueryPairs,
-    req: HttpRequest,
-) -> Result<HttpResponse, ApiError> {
+async fn poll_topics(ctx: &Context, head: &RequestHead) -> Result<HttpResponse, ApiError> {
+    let principal = ctx.auth.authenticate(head)?;
+    let query = query::pairs(head)?;
     let topics = query::topics(&query, ctx.settings.max_topics)?;
     let params = PollParams::parse(&query, &ctx.settings)?;
     let after = match query::single(&query, "after")? {
@@ -115,11 +167,11 @@ pub(crate) async fn poll_topics(
         Some(v) => query::parse_position(&v, &topics, "invalid_position")?,
     };
     principal.require_subscribe_all(&topics)?;
-    let mut followers = start_followers(&ctx, &topics, &after, params.limit).await?;
+    let mut followers = start_followers(ctx, &topics, &after, params.limit).await?;
     let collected = collect(&mut followers, params.limit, params.wait, &ctx.shutdown).await?;
     let next = position_of(&followers).to_string();
     Ok(answer(
-        &req,
+        head,
         &ctx.settings,
         &params,
         collected,
@@ -265,7 +317,7 @@ pub(crate) fn body(collected: &Collected, next: &str) -> BytesMut {
 /// The poll answer: 200 with the body, or 304 when the client already holds
 /// it (`If-None-Match`). A short poll that found nothing carries `Retry-After`.
 pub(crate) fn answer(
-    req: &HttpRequest,
+    req: &RequestHead,
     settings: &Settings,
     params: &PollParams,
     collected: Collected,
@@ -292,7 +344,7 @@ pub(crate) fn answer(
     res.content_type("application/json").body(body.freeze())
 }
 
-fn if_none_match(req: &HttpRequest, etag: &str) -> bool {
+fn if_none_match(req: &RequestHead, etag: &str) -> bool {
     req.headers()
         .get_all(header::IF_NONE_MATCH)
         .filter_map(|v: &HeaderValue| v.to_str().ok())

@@ -283,3 +283,282 @@ async fn with_direct_streams_off_every_stream_goes_through_the_http_server() {
     read_until(&mut tcp, &mut rest, "id: off:1\n").await;
     assert_eq!(direct(&app, "/v1/sse"), 0);
 }
+
+/// The head and sized body of the next response on `tcp` (a `304` may have
+/// no length: it has no body).
+async fn read_sized(tcp: &mut TcpStream, rest: &mut Vec<u8>) -> (String, String) {
+    let head = read_head(tcp, rest).await;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().expect("a length"))
+        })
+        .or_else(|| head.starts_with("HTTP/1.1 304").then_some(0))
+        .unwrap_or_else(|| panic!("a sized answer: {head}"));
+    while rest.len() < length {
+        let mut chunk = [0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk))
+            .await
+            .expect("a body within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed before the whole body: {head}");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    let body: Vec<u8> = rest.drain(..length).collect();
+    (head, String::from_utf8(body).expect("a UTF-8 body"))
+}
+
+fn answered_directly(app: &TestApp, route: &str) -> u64 {
+    app.ctx
+        .metrics
+        .requests_direct
+        .with_label_values(&[route])
+        .get()
+}
+
+/// A poll body without its events' commit times, which differ between
+/// two publishes.
+fn without_times(body: &str) -> String {
+    if body.is_empty() {
+        return String::new();
+    }
+    let mut body: Value = serde_json::from_str(body).expect("a JSON body");
+    if let Some(events) = body["events"].as_array_mut() {
+        for event in events {
+            event
+                .as_object_mut()
+                .expect("an event object")
+                .remove("time");
+        }
+    }
+    body.to_string()
+}
+
+const TOPIC_EVENTS: &str = "/v1/topics/{topic:[^/]*}/events";
+
+/// The polls every path must answer alike: a short poll that finds nothing,
+/// a long poll woken by a publish, a `304`, an error, several topics.
+async fn poll_answers(
+    app: &TestApp,
+    tcp: &mut TcpStream,
+    rest: &mut Vec<u8>,
+    topic: &str,
+) -> Vec<(String, String)> {
+    let host = "Host: x\r\nOrigin: https://app.example\r\n";
+    let mut answers = Vec::new();
+    let ask = async |tcp: &mut TcpStream, target: String, extra: &str| {
+        let request = format!("GET {target} HTTP/1.1\r\n{host}{extra}\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+    };
+    ask(tcp, format!("/v1/topics/{topic}/events?wait=0"), "").await;
+    answers.push(read_sized(tcp, rest).await);
+    ask(
+        tcp,
+        format!("/v1/topics/{topic}/events?after=0&wait=10"),
+        "",
+    )
+    .await;
+    // The poll is waiting: the publish wakes it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seq = app.publish_ok(topic, json!({"n": 1})).await;
+    answers.push(read_sized(tcp, rest).await);
+    let etag = answers[1]
+        .0
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .expect("an etag")
+        .to_owned();
+    let if_none_match = format!("If-None-Match: {etag}\r\n");
+    ask(
+        tcp,
+        format!("/v1/topics/{topic}/events?after=0"),
+        &if_none_match,
+    )
+    .await;
+    answers.push(read_sized(tcp, rest).await);
+    ask(tcp, format!("/v1/topics/{topic}/events?after=x"), "").await;
+    answers.push(read_sized(tcp, rest).await);
+    ask(
+        tcp,
+        format!("/v1/events?topic={topic}&topic=other&wait=0"),
+        "",
+    )
+    .await;
+    answers.push(read_sized(tcp, rest).await);
+    assert!(
+        answers[1].1.contains(&format!("\"seq\":{seq}")),
+        "{answers:?}"
+    );
+    answers
+}
+
+#[tokio::test]
+async fn polls_on_a_kept_alive_connection_are_answered_directly_as_the_http_server_answers_them() {
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.cors_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let mut tcp = connect(&app).await;
+    let mut rest = Vec::new();
+    let direct = poll_answers(&app, &mut tcp, &mut rest, "lp1").await;
+    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 4);
+    assert_eq!(answered_directly(&app, "/v1/events"), 1);
+    let answered = |route: &str, status: &str| {
+        app.ctx
+            .metrics
+            .http_requests
+            .with_label_values(&[route, status])
+            .get()
+    };
+    assert_eq!(answered(TOPIC_EVENTS, "200"), 2);
+    assert_eq!(answered(TOPIC_EVENTS, "304"), 1);
+    assert_eq!(answered(TOPIC_EVENTS, "400"), 1);
+
+    // A request of another route hands the connection to the HTTP server,
+    // which answers the same polls after it.
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (health, _) = read_sized(&mut tcp, &mut rest).await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let through_http = poll_answers(&app, &mut tcp, &mut rest, "lp2").await;
+    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 4, "not the front's");
+    assert_eq!(answered(TOPIC_EVENTS, "200"), 4);
+
+    let statuses: Vec<&str> = direct.iter().map(|(h, _)| &h[..12]).collect();
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 200",
+            "HTTP/1.1 200",
+            "HTTP/1.1 304",
+            "HTTP/1.1 400",
+            "HTTP/1.1 200"
+        ]
+    );
+    for ((direct_head, direct_body), (http_head, http_body)) in direct.iter().zip(&through_http) {
+        assert!(
+            direct_head.to_ascii_lowercase().contains("\r\ndate: "),
+            "{direct_head}"
+        );
+        assert!(
+            direct_head.contains("access-control-allow-origin: https://app.example"),
+            "{direct_head}"
+        );
+        // The topics differ (lp1, lp2), and so do the bodies and etags.
+        let same = |head: &str| -> Vec<String> {
+            comparable(head)
+                .into_iter()
+                .map(|l| match l.split_once(": ") {
+                    Some((name @ ("etag" | "content-length"), _)) => name.to_owned(),
+                    _ => l,
+                })
+                .collect()
+        };
+        assert_eq!(same(direct_head), same(http_head));
+        assert_eq!(
+            without_times(direct_body).replace("lp1", "T"),
+            without_times(http_body).replace("lp2", "T"),
+            "{direct_head}"
+        );
+    }
+    let error: Value = serde_json::from_str(&direct[3].1).expect("a JSON error body");
+    assert_eq!(error["error"]["code"], "invalid_after");
+}
+
+#[tokio::test]
+async fn a_poll_asking_to_close_is_answered_and_its_connection_closed() {
+    let app = TestApp::spawn(Engines::Embedded, |_| {}).await;
+    let mut tcp = connect(&app).await;
+    tcp.write_all(b"GET /v1/topics/close/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
+        .await
+        .expect("the connection closed within 10 s")
+        .expect("read");
+    let all = String::from_utf8(all).unwrap();
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(all.ends_with("{\"events\":[],\"next\":0}"), "{all}");
+    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_a_direct_long_poll_frees_it() {
+    let app = TestApp::spawn(Engines::Embedded, |s| {
+        s.hub_linger = Duration::ZERO;
+        s.head_check_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut tcp = connect(&app).await;
+    tcp.write_all(b"GET /v1/topics/leaving/events?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.ctx.hub.topic_count() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(tcp);
+    while app.ctx.hub.topic_count() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting poll was not freed within 10 s of its client leaving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 0, "nobody to answer");
+}
+
+#[tokio::test]
+async fn a_stopping_server_answers_a_direct_long_poll_at_once_and_closes() {
+    let app = TestApp::spawn(Engines::Embedded, |_| {}).await;
+    let mut tcp = connect(&app).await;
+    tcp.write_all(b"GET /v1/topics/stop/events?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.ctx.hub.topic_count() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopping = tokio::spawn({
+        let stop = app.stop_handle();
+        async move { stop.stop(true).await }
+    });
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
+        .await
+        .expect("answered and closed within 10 s of the stop")
+        .expect("read");
+    let all = String::from_utf8(all).unwrap();
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(all.ends_with("{\"events\":[],\"next\":0}"), "{all}");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_head_larger_than_the_first_peek_is_still_answered_directly() {
+    let app = TestApp::spawn(Engines::Embedded, |_| {}).await;
+    let mut tcp = connect(&app).await;
+    let padding = "p".repeat(3000);
+    let request =
+        format!("GET /v1/topics/big/events HTTP/1.1\r\nHost: x\r\nX-Pad: {padding}\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let (head, body) = read_sized(&mut tcp, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "{\"events\":[],\"next\":0}");
+    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 1);
+}
