@@ -499,24 +499,23 @@ fn figures_of(
         })
     };
     let (idle, latency, burst) = (find("idle memory")?, find("latency")?, find("saturation")?);
-    if let Some(wire) = step.wire {
-        let ran = idle.get("wire").and_then(Value::as_str);
+    // The child must have run what it was asked for (its idle object names
+    // its wire and its deployment).
+    let ran_as_asked = |key: &str, asked: Option<&str>| -> anyhow::Result<()> {
+        let Some(asked) = asked else {
+            return Ok(());
+        };
+        let ran = idle.get(key).and_then(Value::as_str);
         anyhow::ensure!(
-            ran == Some(wire),
-            "`{}` wrote the {} wire where {wire} was asked for",
+            ran == Some(asked),
+            "`{}` ran {key} {} where {key} {asked} was asked for",
             output.command,
-            ran.unwrap_or("(unnamed)")
+            ran.unwrap_or("(none named)")
         );
-    }
-    if let Some(deployment) = deployment {
-        let ran = idle.get("deployment").and_then(Value::as_str);
-        anyhow::ensure!(
-            ran == Some(deployment),
-            "`{}` ran {} where {deployment} was asked for",
-            output.command,
-            ran.unwrap_or("with no deployment named")
-        );
-    }
+        Ok(())
+    };
+    ran_as_asked("wire", step.wire)?;
+    ran_as_asked("deployment", deployment)?;
     Ok(Figures {
         bytes_per_conn: number(idle, "bytes_per_connection")?,
         p50_ms: number(latency, "p50_ms")?,
@@ -800,7 +799,7 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("wrote the sse wire where ws"), "{err}");
+        assert!(err.contains("ran wire sse where wire ws"), "{err}");
     }
 
     #[test]
@@ -823,7 +822,10 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("ran distributed where all-in-one"), "{err}");
+        assert!(
+            err.contains("ran deployment distributed where deployment all-in-one"),
+            "{err}"
+        );
     }
 
     fn parse(argv: &[&str]) -> Args {

@@ -761,12 +761,17 @@ mod tests {
         parse(ROUTES, ANSWERS, bytes.as_bytes())
     }
 
+    fn served(bytes: &str) -> Peeked {
+        match parsed(bytes) {
+            Parsed::Served(p) => *p,
+            _ => panic!("not a request the front serves: {bytes:?}"),
+        }
+    }
+
     #[test]
     fn a_whole_stream_request_is_read_with_its_length() {
         let req = "GET /v1/sse?topic=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: a:3\r\n\r\n";
-        let Parsed::Served(p) = parsed(&format!("{req}trailing")) else {
-            panic!("not a stream request");
-        };
+        let p = served(&format!("{req}trailing"));
         assert_eq!(p.len, req.len());
         assert!(matches!(p.route, Route::Stream(r) if r.path == "/v1/sse"));
         assert_eq!(p.head.uri.query(), Some("topic=a"));
@@ -776,9 +781,7 @@ mod tests {
     #[test]
     fn a_request_of_an_answer_route_is_read_with_its_length() {
         let req = "GET /v1/things/a?wait=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        let Parsed::Served(p) = parsed(&format!("{req}GET /next")) else {
-            panic!("not an answer request");
-        };
+        let p = served(&format!("{req}GET /next"));
         assert_eq!(p.len, req.len());
         assert!(matches!(p.route, Route::Answer(r) if r.pattern == "/v1/things/{thing}"));
         assert_eq!(p.head.uri.path(), "/v1/things/a");
@@ -791,11 +794,7 @@ mod tests {
         ] {
             assert!(matches!(parsed(other), Parsed::Other), "{other:?}");
         }
-        let Parsed::Served(kept) =
-            parsed("GET /v1/things/b HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n")
-        else {
-            panic!("not an answer request");
-        };
+        let kept = served("GET /v1/things/b HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n");
         assert!(!wants_close(&kept.head));
     }
 

@@ -475,16 +475,40 @@ async fn a_poll_asking_to_close_is_answered_and_its_connection_closed() {
     tcp.write_all(b"GET /v1/topics/close/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
+    let all = read_to_close(&mut tcp).await;
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(all.ends_with("{\"events\":[],\"next\":0}"), "{all}");
+    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 1);
+}
+
+/// Opens a connection whose long poll of `topic` (its hub's only topic) is
+/// waiting.
+async fn waiting_poll(app: &TestApp, topic: &str) -> TcpStream {
+    let mut tcp = connect(app).await;
+    let request = format!("GET /v1/topics/{topic}/events?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    wait_for(|| app.ctx.hub.topic_count() == 1, "the poll never waited").await;
+    tcp
+}
+
+/// Waits up to 10 s for `done`, failing with `what` after that.
+async fn wait_for(done: impl Fn() -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what} (10 s)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Everything the server sends until it closes the connection (within 10 s).
+async fn read_to_close(tcp: &mut TcpStream) -> String {
     let mut all = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
         .await
         .expect("the connection closed within 10 s")
         .expect("read");
-    let all = String::from_utf8(all).unwrap();
-    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
-    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
-    assert!(all.ends_with("{\"events\":[],\"next\":0}"), "{all}");
-    assert_eq!(answered_directly(&app, TOPIC_EVENTS), 1);
+    String::from_utf8(all).expect("UTF-8")
 }
 
 #[tokio::test]
@@ -494,54 +518,25 @@ async fn a_client_that_leaves_a_direct_long_poll_frees_it() {
         s.head_check_interval = Duration::from_millis(50);
     })
     .await;
-    let mut tcp = connect(&app).await;
-    tcp.write_all(b"GET /v1/topics/leaving/events?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.ctx.hub.topic_count() != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the poll never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let tcp = waiting_poll(&app, "leaving").await;
     drop(tcp);
-    while app.ctx.hub.topic_count() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the waiting poll was not freed within 10 s of its client leaving"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        || app.ctx.hub.topic_count() == 0,
+        "the waiting poll was not freed after its client left",
+    )
+    .await;
     assert_eq!(answered_directly(&app, TOPIC_EVENTS), 0, "nobody to answer");
 }
 
 #[tokio::test]
 async fn a_stopping_server_answers_a_direct_long_poll_at_once_and_closes() {
     let app = TestApp::spawn(Engines::Embedded, |_| {}).await;
-    let mut tcp = connect(&app).await;
-    tcp.write_all(b"GET /v1/topics/stop/events?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.ctx.hub.topic_count() != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the poll never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut tcp = waiting_poll(&app, "stop").await;
     let stopping = tokio::spawn({
         let stop = app.stop_handle();
         async move { stop.stop(true).await }
     });
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
-        .await
-        .expect("answered and closed within 10 s of the stop")
-        .expect("read");
-    let all = String::from_utf8(all).unwrap();
+    let all = read_to_close(&mut tcp).await;
     assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
     assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
     assert!(all.ends_with("{\"events\":[],\"next\":0}"), "{all}");
