@@ -290,21 +290,12 @@ impl Front {
             return Ok(());
         }
         drop(consumed);
-        let cors = cors_allow(&self.ctx.settings.cors_origins, &head.headers);
         let (mut response, body) = match accepted {
             Accepted::Stream(response, body) => (response, Body::Stream(body)),
             Accepted::Upgrade(response, opener) => (response, Body::Upgrade(opener)),
         };
-        let metrics = &self.ctx.metrics;
-        request_done(&span, Some(metrics), route.path, response.status());
-        drop(span);
-        metrics
-            .streams_direct
-            .with_label_values(&[route.path])
-            .inc();
-        if let Some((origin, credentials)) = cors {
-            crate::server::put_cors_headers(response.headers_mut(), &origin, credentials);
-        }
+        let direct = &self.ctx.metrics.streams_direct;
+        self.finish(span, route.path, direct, &head, &mut response);
         let framing = match body {
             Body::Stream(_) => Framing::Chunked,
             Body::Upgrade(_) => Framing::Upgrade,
@@ -337,6 +328,24 @@ impl Front {
         Ok(())
     }
 
+    /// Records a response the front writes (its span, `rt_http_requests_total`
+    /// and `direct`) and adds the CORS headers the request's origin gets.
+    fn finish(
+        &self,
+        span: tracing::Span,
+        route: &str,
+        direct: &prometheus::IntCounterVec,
+        request: &RequestHead,
+        response: &mut HttpResponse<()>,
+    ) {
+        request_done(&span, Some(&self.ctx.metrics), route, response.status());
+        direct.with_label_values(&[route]).inc();
+        let cors = cors_allow(&self.ctx.settings.cors_origins, &request.headers);
+        if let Some((origin, credentials)) = cors {
+            crate::server::put_cors_headers(response.headers_mut(), &origin, credentials);
+        }
+    }
+
     /// Answers one request of `route` on the socket; true when the
     /// connection stays open for the next one.
     async fn answer(
@@ -364,18 +373,8 @@ impl Front {
             Ok(response) => sized(response),
             Err(e) => sized(actix_web::ResponseError::error_response(&e)),
         };
-        let metrics = &self.ctx.metrics;
-        request_done(&span, Some(metrics), route.pattern, response.status());
-        drop(span);
-        metrics
-            .requests_direct
-            .with_label_values(&[route.pattern])
-            .inc();
-        if let Some((origin, credentials)) =
-            cors_allow(&self.ctx.settings.cors_origins, &head.headers)
-        {
-            crate::server::put_cors_headers(response.headers_mut(), &origin, credentials);
-        }
+        let direct = &self.ctx.metrics.requests_direct;
+        self.finish(span, route.pattern, direct, &head, &mut response);
         let close = wants_close(&head) || self.ctx.shutdown.is_started();
         let mut out = response_head(
             &response,
