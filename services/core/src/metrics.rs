@@ -113,8 +113,8 @@ impl Metrics {
             Opts::new(
                 "streams_direct_total",
                 "Long-lived responses served on their socket by the connection front, by route \
-                 (the others went through the HTTP server: later requests on kept-alive \
-                 connections, and refusals)",
+                 (the others went through the HTTP server: requests after another route's on a \
+                 kept-alive connection, and refusals)",
             ),
             &["route"],
         )
