@@ -945,24 +945,17 @@ mod tests {
         assert!(e.contains("recorded 3 latencies for 4 deliveries"), "{e}");
         // A client without commit stamps in a stamped run, and one with
         // them in a run without.
-        let e = err(
-            vec![
+        for (stamped, want) in [
+            (true, "recorded no sent -> commit times"),
+            (false, "the events carrying no commit stamp"),
+        ] {
+            let mixed = vec![
                 client(&[100, 200], None),
                 client(&[150, 250], Some(&[15, 25])),
-            ],
-            true,
-        )
-        .await;
-        assert!(e.contains("recorded no sent -> commit times"), "{e}");
-        let e = err(
-            vec![
-                client(&[100, 200], None),
-                client(&[150, 250], Some(&[15, 25])),
-            ],
-            false,
-        )
-        .await;
-        assert!(e.contains("the events carrying no commit stamp"), "{e}");
+            ];
+            let e = err(mixed, stamped).await;
+            assert!(e.contains(want), "stamped {stamped}: {e}");
+        }
     }
 }
 

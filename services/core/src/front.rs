@@ -255,7 +255,8 @@ impl Front {
             };
             match peeked.route {
                 Route::Stream(route) => {
-                    return Box::pin(self.stream(io, peeked.head, peeked.len, route)).await;
+                    let stream = self.stream(io, &mut buf, peeked.head, peeked.len, route);
+                    return Box::pin(stream).await;
                 }
                 Route::Answer(route) => {
                     let answered = self.answer(&mut io, &mut buf, peeked, route);
@@ -273,6 +274,7 @@ impl Front {
     async fn stream(
         self: Rc<Self>,
         mut io: TcpStream,
+        buf: &mut [u8],
         head: RequestHead,
         len: usize,
         route: StreamRoute,
@@ -284,12 +286,9 @@ impl Front {
         let Ok(accepted) = admitted else {
             return Err(io);
         };
-        // The head was peeked, so it is there to be read.
-        let mut consumed = vec![0; len];
-        if io.read_exact(&mut consumed).await.is_err() {
+        if !consume(&mut io, buf, len).await {
             return Ok(());
         }
-        drop(consumed);
         let (mut response, body) = match accepted {
             Accepted::Stream(response, body) => (response, Body::Stream(body)),
             Accepted::Upgrade(response, opener) => (response, Body::Upgrade(opener)),
@@ -356,8 +355,7 @@ impl Front {
         route: AnswerRoute,
     ) -> bool {
         let Peeked { head, len, .. } = peeked;
-        // The head was peeked, so it is there to be read.
-        if io.read_exact(&mut buf[..len]).await.is_err() {
+        if !consume(io, buf, len).await {
             return false;
         }
         let span = request_span(&head.method, route.pattern, &head.headers);
@@ -458,6 +456,13 @@ fn sized(response: HttpResponse) -> (HttpResponse<()>, Option<Bytes>) {
             (response, Some(body.try_into_bytes().unwrap_or_default()))
         }
     }
+}
+
+/// Reads the request head of `len` bytes off the socket, into `buf` (which
+/// it was peeked into, so it is there to be read); false when the socket
+/// failed.
+async fn consume(io: &mut TcpStream, buf: &mut [u8], len: usize) -> bool {
+    io.read_exact(&mut buf[..len]).await.is_ok()
 }
 
 /// Whether the client asked to close the connection after this request.
