@@ -7,7 +7,10 @@
 //! `rt-bench poll` measures long-poll wake-up: 1,000 waiters long-poll one
 //! topic while events are published to it one at a time; it reports publish →
 //! response latency, poll round trips and events delivered per second, and
-//! checks that every waiter got every event exactly once and in order.
+//! checks that every waiter got every event exactly once and in order. In
+//! the same run, the same waiters and publisher measure a long-poll ceiling
+//! (a minimal server answering from memory), and the server's figures are
+//! also given as a ratio of it.
 //!
 //! `rt-bench sse` measures Server-Sent Events with 1,000 and 10,000 streams on
 //! one topic, served by the `realtime` binary in a process of its own: the
@@ -52,6 +55,7 @@ mod compare;
 mod http1;
 mod plot;
 mod poll;
+mod poll_ceiling;
 mod publish;
 mod push;
 mod raw;

@@ -25,7 +25,8 @@ use tokio::task::JoinSet;
 
 use crate::{
     http1::Http1,
-    server::{Services, now_us, publish_stamped},
+    poll_ceiling::Ceiling,
+    server::{Services, now_us, publish_stamped, r3},
 };
 
 #[derive(clap::Args)]
@@ -59,6 +60,12 @@ pub(crate) struct Args {
     /// with one build.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     direct_streams: bool,
+    /// Also measure the long-poll ceiling (a minimal server answering the
+    /// same waiters from memory, `poll_ceiling.rs`) in every run, its turn
+    /// alternating with the server's, and give the server's figures as a
+    /// ratio of it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ceiling: bool,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -141,27 +148,46 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(args.wait + 30))
         .build()?;
 
-    let mut runs = Vec::new();
+    // As many threads as the server has HTTP workers (its default).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (mut runs, mut ceilings) = (Vec::new(), Vec::new());
     for run in 0..args.runs.max(1) {
-        let f = wake_up(&http, &base, &args, run).await?;
-        if !args.quiet {
-            eprintln!(
-                "  run {}: wake-up p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} polls/s, {:.0} events/s, {:.2} events/poll",
-                run + 1,
-                f.p50_ms,
-                f.p99_ms,
-                f.max_ms,
-                f.polls_per_sec,
-                f.events_per_sec,
-                f.events_per_poll
-            );
+        // The ceiling goes first in even runs, second in odd ones.
+        for ceiling_turn in [run % 2 == 0, run % 2 == 1] {
+            if ceiling_turn && args.ceiling {
+                let ceiling = Ceiling::start(threads, &format!("poll{run}"))?;
+                let f = wake_up(&http, &ceiling.base(), &args, run).await;
+                ceiling.stop().await;
+                let f = f.context("the long-poll ceiling")?;
+                progress(&args, run, "ceiling", &f);
+                ceilings.push(f);
+            } else if !ceiling_turn {
+                let f = wake_up(&http, &base, &args, run).await?;
+                progress(&args, run, "server", &f);
+                runs.push(f);
+            }
         }
-        runs.push(f);
     }
     handle.stop(true).await;
 
-    print_report(&args, &medians(&runs));
+    let ceiling = (!ceilings.is_empty()).then(|| medians(&ceilings));
+    print_report(&args, &medians(&runs), ceiling.as_ref());
     Ok(())
+}
+
+fn progress(args: &Args, run: usize, server: &str, f: &Figure) {
+    if !args.quiet {
+        eprintln!(
+            "  run {} ({server}): wake-up p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} polls/s, {:.0} events/s, {:.2} events/poll",
+            run + 1,
+            f.p50_ms,
+            f.p99_ms,
+            f.max_ms,
+            f.polls_per_sec,
+            f.events_per_sec,
+            f.events_per_poll
+        );
+    }
 }
 
 /// One run: `waiters` long-poll loops on a fresh topic, then `events`
@@ -349,7 +375,10 @@ fn medians(runs: &[Figure]) -> Figure {
     }
 }
 
-fn print_report(args: &Args, f: &Figure) {
+/// The long-poll wake-up target: p99 at most this, with 1,000 waiters.
+const TARGET_P99_MS: f64 = 50.0;
+
+fn print_report(args: &Args, f: &Figure, ceiling: Option<&Figure>) {
     let name = format!("{} waiters on one topic", args.waiters);
     println!(
         "\nlong-poll wake-up: {} events {} ms apart, limit {}, wait {} s, median of {} runs (each figure on its own)",
@@ -360,7 +389,7 @@ fn print_report(args: &Args, f: &Figure) {
         args.runs.max(1)
     );
     println!(
-        "{:<30} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12} {:>13} {:>13}",
+        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12} {:>13} {:>13}",
         "scenario",
         "p50 ms",
         "p90 ms",
@@ -372,33 +401,83 @@ fn print_report(args: &Args, f: &Figure) {
         "publish p50",
         "publish p99"
     );
+    let row = |label: &str, f: &Figure| {
+        println!(
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>12.2} {:>13.2} {:>13.2}",
+            label,
+            f.p50_ms,
+            f.p90_ms,
+            f.p99_ms,
+            f.max_ms,
+            f.polls_per_sec,
+            f.events_per_sec,
+            f.events_per_poll,
+            f.publish_p50_ms,
+            f.publish_p99_ms
+        );
+    };
+    if let Some(c) = ceiling {
+        row(&format!("{name}, ceiling"), c);
+    }
+    row(&name, f);
+    let ratios = ceiling.map(|c| Ratios::of(f, c));
+    if let Some(r) = &ratios {
+        println!(
+            "server / ceiling: wake-up p50 {:.2}x, p99 {:.2}x; polls/s {:.2}x",
+            r.p50, r.p99, r.polls_per_sec
+        );
+    }
     println!(
-        "{:<30} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>12.2} {:>13.2} {:>13.2}",
-        name,
-        f.p50_ms,
-        f.p90_ms,
-        f.p99_ms,
-        f.max_ms,
-        f.polls_per_sec,
-        f.events_per_sec,
-        f.events_per_poll,
-        f.publish_p50_ms,
-        f.publish_p99_ms
+        "wake-up p99 target (<= {TARGET_P99_MS} ms): {}",
+        if f.p99_ms <= TARGET_P99_MS {
+            "met"
+        } else {
+            "missed"
+        }
     );
-    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
-    println!(
-        "{}",
+    let mut line = json!({
+        "scenario": "poll", "name": name,
+        "waiters": args.waiters, "events": args.events, "interval_ms": args.interval_ms,
+        "limit": args.limit, "wait": args.wait, "runs": args.runs.max(1),
+        "bus": args.services.bus(), "direct_streams": args.direct_streams,
+        "wake_p99_target_met": f.p99_ms <= TARGET_P99_MS,
+        "ceiling": ceiling.copied().map(Figure::to_json),
+        "vs_ceiling": ratios.map(|r| json!({
+            "wake_p50": r3(r.p50), "wake_p99": r3(r.p99), "polls_per_sec": r3(r.polls_per_sec),
+        })),
+    });
+    if let (Some(line), serde_json::Value::Object(figures)) = (line.as_object_mut(), f.to_json()) {
+        line.extend(figures);
+    }
+    println!("{line}");
+}
+
+/// The server's figures over the ceiling's.
+struct Ratios {
+    p50: f64,
+    p99: f64,
+    polls_per_sec: f64,
+}
+
+impl Ratios {
+    fn of(server: &Figure, ceiling: &Figure) -> Ratios {
+        Ratios {
+            p50: server.p50_ms / ceiling.p50_ms,
+            p99: server.p99_ms / ceiling.p99_ms,
+            polls_per_sec: server.polls_per_sec / ceiling.polls_per_sec,
+        }
+    }
+}
+
+impl Figure {
+    fn to_json(self) -> serde_json::Value {
         json!({
-            "scenario": "poll", "name": name,
-            "wake_p50_ms": r3(f.p50_ms), "wake_p90_ms": r3(f.p90_ms),
-            "wake_p99_ms": r3(f.p99_ms), "wake_max_ms": r3(f.max_ms),
-            "polls_per_sec": f.polls_per_sec.round(), "events_per_sec": f.events_per_sec.round(),
-            "events_per_poll": r3(f.events_per_poll), "empty_polls": f.empty_polls.round() as u64,
-            "publish_p50_ms": r3(f.publish_p50_ms), "publish_p99_ms": r3(f.publish_p99_ms),
-            "secs": r3(f.secs),
-            "waiters": args.waiters, "events": args.events, "interval_ms": args.interval_ms,
-            "limit": args.limit, "wait": args.wait, "runs": args.runs.max(1),
-            "bus": args.services.bus(), "direct_streams": args.direct_streams,
+            "wake_p50_ms": r3(self.p50_ms), "wake_p90_ms": r3(self.p90_ms),
+            "wake_p99_ms": r3(self.p99_ms), "wake_max_ms": r3(self.max_ms),
+            "polls_per_sec": self.polls_per_sec.round(), "events_per_sec": self.events_per_sec.round(),
+            "events_per_poll": r3(self.events_per_poll), "empty_polls": self.empty_polls.round() as u64,
+            "publish_p50_ms": r3(self.publish_p50_ms), "publish_p99_ms": r3(self.publish_p99_ms),
+            "secs": r3(self.secs),
         })
-    );
+    }
 }

@@ -331,16 +331,22 @@ async fn ws_handshake(socket: &mut TcpStream, key: &str) -> anyhow::Result<()> {
 /// Frame `seq`, stamped with `sent_us`, shaped and sized like the edge's on
 /// `wire`.
 fn frame(wire: Wire, seq: u64, sent_us: u64) -> Bytes {
-    let event = format!(
-        "\"topic\":\"{TOPIC}\",\"seq\":{seq},\"type\":\"message\",\
-         \"data\":{{\"sent_us\":{sent_us}}},\"time\":\"2026-11-28T12:00:00.000000Z\"}}"
-    );
+    let fields = event_fields(TOPIC, seq, sent_us);
     match wire {
         Wire::Sse => Bytes::from(format!(
-            "id: {TOPIC}:{seq}\nevent: message\ndata: {{{event}\n\n"
+            "id: {TOPIC}:{seq}\nevent: message\ndata: {{{fields}}}\n\n"
         )),
-        Wire::Ws => ws_text(format!("{{\"op\":\"event\",{event}").as_bytes()).into(),
+        Wire::Ws => ws_text(format!("{{\"op\":\"event\",{fields}}}").as_bytes()).into(),
     }
+}
+
+/// The fields of event `seq` of `topic`, stamped with `sent_us`, as the
+/// edges encode an event (without the braces around them).
+pub(crate) fn event_fields(topic: &str, seq: u64, sent_us: u64) -> String {
+    format!(
+        "\"topic\":\"{topic}\",\"seq\":{seq},\"type\":\"message\",\
+         \"data\":{{\"sent_us\":{sent_us}}},\"time\":\"2026-11-28T12:00:00.000000Z\""
+    )
 }
 
 /// A server's (unmasked) WebSocket text frame of `text`.

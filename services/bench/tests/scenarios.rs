@@ -2,7 +2,8 @@
 //! `realtime` built beside the bench (the workspace's test build has it),
 //! over a database of their own on the test Postgres and over NATS, and
 //! their clients must read every event of every scenario exactly once;
-//! `raw` runs the ceiling of each wire, and `poll` its routes in-process.
+//! `raw` runs the ceiling of each wire, and `poll` its routes in-process,
+//! next to its long-poll ceiling.
 
 use std::process::Command;
 
@@ -182,4 +183,22 @@ fn poll_reports_the_wake_up_and_the_publish_it_waited_for() {
         "{v}"
     );
     assert_eq!(v["empty_polls"], 0, "{v}");
+    // The ceiling ran on the same waiters, and the ratios are of it.
+    let ceiling = &v["ceiling"];
+    let ceiling_p99 = ceiling["wake_p99_ms"].as_f64();
+    assert!(ceiling_p99.is_some_and(|p| p > 0.0), "{v}");
+    assert_eq!(
+        ceiling["events_per_poll"].as_f64().map(|e| e >= 1.0),
+        Some(true),
+        "{v}"
+    );
+    let ratio = v["vs_ceiling"]["wake_p99"].as_f64();
+    let expected = p99.zip(ceiling_p99).map(|(p, c)| p / c);
+    assert!(
+        ratio
+            .zip(expected)
+            .is_some_and(|(r, e)| (r - e).abs() < 0.01),
+        "{v}"
+    );
+    assert!(v["wake_p99_target_met"].is_boolean(), "{v}");
 }
