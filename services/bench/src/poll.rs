@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use crate::{
     http1::Http1,
     poll_ceiling::Ceiling,
-    server::{Services, now_us, publish_stamped, r3},
+    server::{Services, now_us, publish_stamped, r3, to_commit_us},
 };
 
 #[derive(clap::Args)]
@@ -93,6 +93,15 @@ struct Figure {
     /// workers, so it overstates what a wake-up waits for.
     publish_p50_ms: f64,
     publish_p99_ms: f64,
+    /// Publish sent → the commit stamp (`time`) the event carries, p99, per
+    /// event per waiter: the part of the wake-up before the commit, which
+    /// the ceiling does not pay. `None` for the ceiling (its stamp is fixed).
+    to_commit_p99_ms: Option<f64>,
+    /// Per event, the latency of the first waiter to receive it (the
+    /// event's own path before the fan-out: publish, commit, bus), median
+    /// and max over the events. An event late for every waiter shows here.
+    first_p50_ms: f64,
+    first_max_ms: f64,
     /// First publish → last waiter done.
     secs: f64,
 }
@@ -110,6 +119,7 @@ struct Page {
 struct PolledEvent {
     seq: u64,
     data: Sent,
+    time: String,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +130,7 @@ struct Sent {
 /// What one waiter hands back when it has seen the last event.
 struct WaiterDone {
     hist: Histogram<u32>,
+    to_commit: Option<Histogram<u32>>,
     polls: u64,
     empty_polls: u64,
     finished: Instant,
@@ -156,13 +167,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         for ceiling_turn in [run % 2 == 0, run % 2 == 1] {
             if ceiling_turn && args.ceiling {
                 let ceiling = Ceiling::start(threads, &format!("poll{run}"))?;
-                let f = wake_up(&http, &ceiling.base(), &args, run).await;
+                let f = wake_up(&http, &ceiling.base(), &args, run, false).await;
                 ceiling.stop().await;
                 let f = f.context("the long-poll ceiling")?;
                 progress(&args, run, "ceiling", &f);
                 ceilings.push(f);
             } else if !ceiling_turn {
-                let f = wake_up(&http, &base, &args, run).await?;
+                let f = wake_up(&http, &base, &args, run, true).await?;
                 progress(&args, run, "server", &f);
                 runs.push(f);
             }
@@ -192,11 +203,13 @@ fn progress(args: &Args, run: usize, server: &str, f: &Figure) {
 
 /// One run: `waiters` long-poll loops on a fresh topic, then `events`
 /// publishes `interval_ms` apart; done when every waiter has the last event.
+/// With `commit_stamped`, the events' `time` is read as their commit stamp.
 async fn wake_up(
     http: &reqwest::Client,
     base: &str,
     args: &Args,
     run: usize,
+    commit_stamped: bool,
 ) -> anyhow::Result<Figure> {
     let url = format!("{base}/v1/topics/poll{run}/events");
     let addr: std::net::SocketAddr = base
@@ -205,14 +218,26 @@ async fn wake_up(
         .with_context(|| format!("the server's address {base:?}"))?;
     let path = format!("/v1/topics/poll{run}/events");
     let ready = Arc::new(AtomicUsize::new(0));
+    let firsts: Arc<[AtomicU64]> = (0..=args.events)
+        .map(|_| AtomicU64::new(u64::MAX))
+        .collect();
     // Dropping the set (on an error) aborts the waiters still polling.
     let mut waiters = JoinSet::new();
     for id in 0..args.waiters {
-        let (path, ready) = (path.clone(), ready.clone());
+        let (path, ready, firsts) = (path.clone(), ready.clone(), firsts.clone());
         let (events, limit, wait) = (args.events, args.limit, args.wait);
         waiters.spawn(async move {
             ready.fetch_add(1, Ordering::Relaxed);
-            waiter(Http1::new(addr), &path, id, events, limit, wait).await
+            let mut done = WaiterDone::new(commit_stamped)?;
+            let poll = Poll {
+                path: &path,
+                events,
+                limit,
+                wait,
+                firsts: &firsts,
+            };
+            waiter(Http1::new(addr), &poll, id, &mut done).await?;
+            anyhow::Ok(done)
         });
     }
     let spawned = Instant::now();
@@ -236,8 +261,7 @@ async fn wake_up(
     let publish_hist = publish(http, &url, args.events, args.interval_ms).await?;
 
     let deadline = Duration::from_secs(args.wait + 30);
-    let mut hist = Histogram::<u32>::new(3)?;
-    let (mut polls, mut empty_polls) = (0, 0);
+    let mut all = WaiterDone::new(commit_stamped)?;
     let mut last_done = started;
     let mut finished = 0;
     while finished < args.waiters {
@@ -253,13 +277,23 @@ async fn wake_up(
                 )
             })?
             .ok_or_else(|| anyhow::anyhow!("waiter set emptied early"))???;
-        hist.add(&done.hist)?;
-        polls += done.polls;
-        empty_polls += done.empty_polls;
+        all.add(&done)?;
         last_done = last_done.max(done.finished);
         finished += 1;
     }
+    let WaiterDone {
+        hist,
+        to_commit,
+        polls,
+        empty_polls,
+        ..
+    } = all;
     let secs = last_done.duration_since(started).as_secs_f64();
+    let mut firsts: Vec<u64> = firsts[1..]
+        .iter()
+        .map(|f| f.load(Ordering::Relaxed))
+        .collect();
+    firsts.sort_unstable();
     let delivered = args.events * args.waiters as u64;
     anyhow::ensure!(
         hist.len() == delivered,
@@ -278,22 +312,63 @@ async fn wake_up(
         empty_polls: empty_polls as f64,
         publish_p50_ms: publish_hist.value_at_quantile(0.5) as f64 / 1000.0,
         publish_p99_ms: publish_hist.value_at_quantile(0.99) as f64 / 1000.0,
+        to_commit_p99_ms: to_commit.map(|h| h.value_at_quantile(0.99) as f64 / 1000.0),
+        first_p50_ms: firsts[firsts.len() / 2] as f64 / 1000.0,
+        first_max_ms: firsts[firsts.len() - 1] as f64 / 1000.0,
         secs,
     })
 }
 
-/// Long-polls `url` from `after=0`, following `next`, until it holds seq
-/// `events`; every seq must come exactly once and in order.
-async fn waiter(
-    mut http: Http1,
-    path: &str,
-    id: usize,
+/// What a waiter polls: `path` (`after` from 0, following `next`) with
+/// `limit` and `wait`, until it holds seq `events`.
+struct Poll<'a> {
+    path: &'a str,
     events: u64,
     limit: u32,
     wait: u64,
-) -> anyhow::Result<WaiterDone> {
-    let mut hist = Histogram::<u32>::new(3)?;
-    let (mut last, mut polls, mut empty_polls) = (0, 0, 0);
+    /// Per seq, the lowest latency any waiter had for it, in µs.
+    firsts: &'a [AtomicU64],
+}
+
+impl WaiterDone {
+    fn new(commit_stamped: bool) -> anyhow::Result<WaiterDone> {
+        Ok(WaiterDone {
+            hist: Histogram::new(3)?,
+            to_commit: commit_stamped.then(|| Histogram::new(3)).transpose()?,
+            polls: 0,
+            empty_polls: 0,
+            finished: Instant::now(),
+        })
+    }
+
+    /// Adds another waiter's figures to these.
+    fn add(&mut self, other: &WaiterDone) -> anyhow::Result<()> {
+        self.hist.add(&other.hist)?;
+        if let (Some(all), Some(one)) = (&mut self.to_commit, &other.to_commit) {
+            all.add(one)?;
+        }
+        self.polls += other.polls;
+        self.empty_polls += other.empty_polls;
+        Ok(())
+    }
+}
+
+/// Long-polls until it holds the last event, recording into `done`; every
+/// seq must come exactly once and in order.
+async fn waiter(
+    mut http: Http1,
+    poll: &Poll<'_>,
+    id: usize,
+    done: &mut WaiterDone,
+) -> anyhow::Result<()> {
+    let Poll {
+        path,
+        events,
+        limit,
+        wait,
+        firsts,
+    } = *poll;
+    let mut last = 0;
     while last < events {
         let (status, body) = http
             .get(&format!("{path}?after={last}&limit={limit}&wait={wait}"))
@@ -305,13 +380,13 @@ async fn waiter(
             String::from_utf8_lossy(body)
         );
         let page: Page = serde_json::from_slice(body)?;
-        polls += 1;
+        done.polls += 1;
         anyhow::ensure!(
             page.reset.is_none(),
             "waiter {id}: poll after {last} reported a reset"
         );
         if page.events.is_empty() {
-            empty_polls += 1;
+            done.empty_polls += 1;
         }
         for e in &page.events {
             anyhow::ensure!(
@@ -321,7 +396,12 @@ async fn waiter(
                 last + 1
             );
             last = e.seq;
-            hist.record(received.saturating_sub(e.data.sent_us))?;
+            let latency = received.saturating_sub(e.data.sent_us);
+            done.hist.record(latency)?;
+            firsts[e.seq as usize].fetch_min(latency, Ordering::Relaxed);
+            if let Some(to_commit) = &mut done.to_commit {
+                to_commit.record(to_commit_us(&e.time, e.data.sent_us)?)?;
+            }
         }
         anyhow::ensure!(
             page.next == last,
@@ -329,12 +409,8 @@ async fn waiter(
             page.next
         );
     }
-    Ok(WaiterDone {
-        hist,
-        polls,
-        empty_polls,
-        finished: Instant::now(),
-    })
+    done.finished = Instant::now();
+    Ok(())
 }
 
 /// Publishes `events` events one at a time, `interval_ms` apart, each
@@ -371,6 +447,12 @@ fn medians(runs: &[Figure]) -> Figure {
         empty_polls: median(|f| f.empty_polls),
         publish_p50_ms: median(|f| f.publish_p50_ms),
         publish_p99_ms: median(|f| f.publish_p99_ms),
+        first_p50_ms: median(|f| f.first_p50_ms),
+        first_max_ms: median(|f| f.first_max_ms),
+        to_commit_p99_ms: runs
+            .iter()
+            .all(|f| f.to_commit_p99_ms.is_some())
+            .then(|| median(|f| f.to_commit_p99_ms.unwrap_or_default())),
         secs: median(|f| f.secs),
     }
 }
@@ -389,7 +471,7 @@ fn print_report(args: &Args, f: &Figure, ceiling: Option<&Figure>) {
         args.runs.max(1)
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12} {:>13} {:>13}",
+        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12} {:>13} {:>13} {:>16} {:>10} {:>10}",
         "scenario",
         "p50 ms",
         "p90 ms",
@@ -399,11 +481,14 @@ fn print_report(args: &Args, f: &Figure, ceiling: Option<&Figure>) {
         "events/s",
         "events/poll",
         "publish p50",
-        "publish p99"
+        "publish p99",
+        "to commit p99",
+        "first p50",
+        "first max"
     );
     let row = |label: &str, f: &Figure| {
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>12.2} {:>13.2} {:>13.2}",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>10.0} {:>12.2} {:>13.2} {:>13.2} {:>16} {:>10.2} {:>10.2}",
             label,
             f.p50_ms,
             f.p90_ms,
@@ -413,7 +498,11 @@ fn print_report(args: &Args, f: &Figure, ceiling: Option<&Figure>) {
             f.events_per_sec,
             f.events_per_poll,
             f.publish_p50_ms,
-            f.publish_p99_ms
+            f.publish_p99_ms,
+            f.to_commit_p99_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}")),
+            f.first_p50_ms,
+            f.first_max_ms
         );
     };
     if let Some(c) = ceiling {
@@ -477,6 +566,8 @@ impl Figure {
             "polls_per_sec": self.polls_per_sec.round(), "events_per_sec": self.events_per_sec.round(),
             "events_per_poll": r3(self.events_per_poll), "empty_polls": self.empty_polls.round() as u64,
             "publish_p50_ms": r3(self.publish_p50_ms), "publish_p99_ms": r3(self.publish_p99_ms),
+            "to_commit_p99_ms": self.to_commit_p99_ms.map(r3),
+            "first_p50_ms": r3(self.first_p50_ms), "first_max_ms": r3(self.first_max_ms),
             "secs": r3(self.secs),
         })
     }

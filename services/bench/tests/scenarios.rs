@@ -201,4 +201,18 @@ fn poll_reports_the_wake_up_and_the_publish_it_waited_for() {
         "{v}"
     );
     assert!(v["wake_p99_target_met"].is_boolean(), "{v}");
+    // The server's events carry their commit stamp; the ceiling's a fixed one.
+    let to_commit = v["to_commit_p99_ms"].as_f64();
+    assert!(
+        to_commit.is_some_and(|t| t > 0.0) && to_commit <= p99,
+        "{v}"
+    );
+    assert!(ceiling["to_commit_p99_ms"].is_null(), "{v}");
+    // Each event's first waiter is no later than the latest delivery.
+    let (first_p50, first_max) = (v["first_p50_ms"].as_f64(), v["first_max_ms"].as_f64());
+    assert!(
+        first_p50.is_some_and(|f| f > 0.0) && first_max >= first_p50,
+        "{v}"
+    );
+    assert!(first_max <= v["wake_max_ms"].as_f64(), "{v}");
 }
