@@ -245,9 +245,12 @@ impl Front {
         // The head buffer, made once there is something to read: a
         // connection opened ahead of its first request holds none.
         let mut buf = Vec::new();
+        // The last answered request's head, parsed into again: its header
+        // map is a few KiB, which malloc and free cost on every poll.
+        let mut spare = None;
         let mut kept = false;
         loop {
-            let next = Box::pin(self.peek(&io, &mut buf, kept)).await;
+            let next = Box::pin(self.peek(&io, &mut buf, &mut spare, kept)).await;
             let peeked = match next {
                 Next::Request(peeked) => *peeked,
                 Next::Other => return Err(io),
@@ -259,10 +262,11 @@ impl Front {
                     return Box::pin(stream).await;
                 }
                 Route::Answer(route) => {
-                    let answered = self.answer(&mut io, &mut buf, peeked, route);
+                    let answered = self.answer(&mut io, &mut buf, &peeked, route);
                     if !Box::pin(answered).await {
                         return Ok(());
                     }
+                    spare = Some(peeked.head);
                     kept = true;
                 }
             }
@@ -351,15 +355,15 @@ impl Front {
         &self,
         io: &mut TcpStream,
         buf: &mut [u8],
-        peeked: Peeked,
+        peeked: &Peeked,
         route: AnswerRoute,
     ) -> bool {
         let Peeked { head, len, .. } = peeked;
-        if !consume(io, buf, len).await {
+        if !consume(io, buf, *len).await {
             return false;
         }
         let span = request_span(&head.method, route.pattern, &head.headers);
-        let answering = (route.answer)(&self.ctx, &head).instrument(span.clone());
+        let answering = (route.answer)(&self.ctx, head).instrument(span.clone());
         let answered = tokio::select! {
             // An answer at hand is written without a look at the socket.
             biased;
@@ -372,8 +376,8 @@ impl Front {
             Err(e) => sized(actix_web::ResponseError::error_response(&e)),
         };
         let direct = &self.ctx.metrics.requests_direct;
-        self.finish(span, route.pattern, direct, &head, &mut response);
-        let close = wants_close(&head) || self.ctx.shutdown.is_started();
+        self.finish(span, route.pattern, direct, head, &mut response);
+        let close = wants_close(head) || self.ctx.shutdown.is_started();
         let mut out = response_head(
             &response,
             Framing::Sized(body.as_ref().map(Bytes::len), close),
@@ -389,7 +393,13 @@ impl Front {
     /// connection already, which then closes rather than going to actix-http
     /// when nothing comes within the keep-alive, the client leaves or the
     /// process stops.
-    async fn peek(&self, io: &TcpStream, buf: &mut Vec<u8>, kept: bool) -> Next {
+    async fn peek(
+        &self,
+        io: &TcpStream,
+        buf: &mut Vec<u8>,
+        spare: &mut Option<RequestHead>,
+        kept: bool,
+    ) -> Next {
         let not_served = || if kept { Next::Closed } else { Next::Other };
         let first = tokio::time::timeout(self.first_bytes, io.readable());
         let ready = if kept {
@@ -415,7 +425,7 @@ impl Front {
             if seen == 0 {
                 return not_served();
             }
-            match parse(&self.streams, &self.answers, &buf[..seen]) {
+            match parse(&self.streams, &self.answers, &buf[..seen], spare) {
                 Parsed::Served(peeked) => return Next::Request(peeked),
                 Parsed::Other => return Next::Other,
                 Parsed::Partial if seen == HEAD_LIMIT => return Next::Other,
@@ -486,8 +496,14 @@ async fn client_gone(io: &TcpStream) {
 }
 
 /// Reads `bytes` as the next request on a connection: a request the front
-/// serves, whole, or not one, or not known yet.
-fn parse(streams: &[StreamRoute], answers: &[AnswerRoute], bytes: &[u8]) -> Parsed {
+/// serves, whole, or not one, or not known yet. A served request's head is
+/// `spare` (a previous request's, cleared) when there is one.
+fn parse(
+    streams: &[StreamRoute],
+    answers: &[AnswerRoute],
+    bytes: &[u8],
+    spare: &mut Option<RequestHead>,
+) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let Ok(status) = req.parse(bytes) else {
@@ -523,7 +539,8 @@ fn parse(streams: &[StreamRoute], answers: &[AnswerRoute], bytes: &[u8]) -> Pars
     let Ok(uri) = target.parse::<Uri>() else {
         return Parsed::Other;
     };
-    let mut head = RequestHead::default();
+    let mut head = spare.take().unwrap_or_default();
+    head.headers.clear();
     head.method = Method::GET;
     head.uri = uri;
     head.version = Version::HTTP_11;
@@ -762,7 +779,7 @@ mod tests {
     }];
 
     fn parsed(bytes: &str) -> Parsed {
-        parse(ROUTES, ANSWERS, bytes.as_bytes())
+        parse(ROUTES, ANSWERS, bytes.as_bytes(), &mut None)
     }
 
     fn served(bytes: &str) -> Peeked {
@@ -780,6 +797,24 @@ mod tests {
         assert!(matches!(p.route, Route::Stream(r) if r.path == "/v1/sse"));
         assert_eq!(p.head.uri.query(), Some("topic=a"));
         assert_eq!(p.head.headers.get("last-event-id").unwrap(), "a:3");
+    }
+
+    #[test]
+    fn a_spare_head_is_parsed_into_with_nothing_of_the_request_before() {
+        let first = served(
+            "GET /v1/things/a?x=1 HTTP/1.1\r\nIf-None-Match: \"e\"\r\nConnection: close\r\n\r\n",
+        );
+        let mut spare = Some(first.head);
+        let next = "GET /v1/things/b HTTP/1.1\r\nHost: y\r\n\r\n";
+        let Parsed::Served(p) = parse(ROUTES, ANSWERS, next.as_bytes(), &mut spare) else {
+            panic!("not served: {next:?}");
+        };
+        assert!(spare.is_none(), "the spare head was not used");
+        assert_eq!(p.head.uri.path(), "/v1/things/b");
+        assert_eq!(p.head.uri.query(), None);
+        let names: Vec<_> = p.head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host"]);
+        assert!(!wants_close(&p.head));
     }
 
     #[test]
