@@ -186,6 +186,14 @@ pub(crate) fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The value of `name` in a request target's query (`a=1&b=2`), if it has
+/// it, as written (not percent-decoded).
+pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
 /// Where the response head in `buf` ends (after its blank line), once it has.
 pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4)

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use crate::{
     http1::Http1,
     poll_ceiling::Ceiling,
-    server::{Services, now_us, publish_stamped, r3, to_commit_us},
+    server::{Latencies, Services, median_some, now_us, publish_stamped, r3},
 };
 
 #[derive(clap::Args)]
@@ -129,8 +129,9 @@ struct Sent {
 
 /// What one waiter hands back when it has seen the last event.
 struct WaiterDone {
-    hist: Histogram<u32>,
-    to_commit: Option<Histogram<u32>>,
+    /// Publish sent → response received per event, and sent → commit
+    /// stamp when the events carry one.
+    latencies: Latencies,
     polls: u64,
     empty_polls: u64,
     finished: Instant,
@@ -163,19 +164,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (mut runs, mut ceilings) = (Vec::new(), Vec::new());
     for run in 0..args.runs.max(1) {
-        // The ceiling goes first in even runs, second in odd ones.
-        for ceiling_turn in [run % 2 == 0, run % 2 == 1] {
-            if ceiling_turn && args.ceiling {
+        // The ceiling goes first in runs 1, 3, ..., second in the others.
+        let ceiling_first = run % 2 == 0;
+        for ceiling_turn in [ceiling_first, !ceiling_first] {
+            if !ceiling_turn {
+                let f = wake_up(&http, &base, &args, run, true).await?;
+                progress(&args, run, "server", &f);
+                runs.push(f);
+            } else if args.ceiling {
                 let ceiling = Ceiling::start(threads, &format!("poll{run}"))?;
                 let f = wake_up(&http, &ceiling.base(), &args, run, false).await;
                 ceiling.stop().await;
                 let f = f.context("the long-poll ceiling")?;
                 progress(&args, run, "ceiling", &f);
                 ceilings.push(f);
-            } else if !ceiling_turn {
-                let f = wake_up(&http, &base, &args, run, true).await?;
-                progress(&args, run, "server", &f);
-                runs.push(f);
             }
         }
     }
@@ -281,9 +283,13 @@ async fn wake_up(
         last_done = last_done.max(done.finished);
         finished += 1;
     }
+    let delivered = args.events * args.waiters as u64;
+    all.latencies.check(delivered)?;
     let WaiterDone {
-        hist,
-        to_commit,
+        latencies: Latencies {
+            received: hist,
+            to_commit,
+        },
         polls,
         empty_polls,
         ..
@@ -294,12 +300,6 @@ async fn wake_up(
         .map(|f| f.load(Ordering::Relaxed))
         .collect();
     firsts.sort_unstable();
-    let delivered = args.events * args.waiters as u64;
-    anyhow::ensure!(
-        hist.len() == delivered,
-        "recorded {} latencies for {delivered} deliveries",
-        hist.len()
-    );
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Figure {
         p50_ms: ms(0.5),
@@ -333,8 +333,7 @@ struct Poll<'a> {
 impl WaiterDone {
     fn new(commit_stamped: bool) -> anyhow::Result<WaiterDone> {
         Ok(WaiterDone {
-            hist: Histogram::new(3)?,
-            to_commit: commit_stamped.then(|| Histogram::new(3)).transpose()?,
+            latencies: Latencies::with_sigfig(commit_stamped, 3)?,
             polls: 0,
             empty_polls: 0,
             finished: Instant::now(),
@@ -343,10 +342,7 @@ impl WaiterDone {
 
     /// Adds another waiter's figures to these.
     fn add(&mut self, other: &WaiterDone) -> anyhow::Result<()> {
-        self.hist.add(&other.hist)?;
-        if let (Some(all), Some(one)) = (&mut self.to_commit, &other.to_commit) {
-            all.add(one)?;
-        }
+        self.latencies.add(&other.latencies)?;
         self.polls += other.polls;
         self.empty_polls += other.empty_polls;
         Ok(())
@@ -396,12 +392,9 @@ async fn waiter(
                 last + 1
             );
             last = e.seq;
-            let latency = received.saturating_sub(e.data.sent_us);
-            done.hist.record(latency)?;
-            firsts[e.seq as usize].fetch_min(latency, Ordering::Relaxed);
-            if let Some(to_commit) = &mut done.to_commit {
-                to_commit.record(to_commit_us(&e.time, e.data.sent_us)?)?;
-            }
+            let sent = e.data.sent_us;
+            done.latencies.record(received, sent, Some(&e.time))?;
+            firsts[e.seq as usize].fetch_min(received.saturating_sub(sent), Ordering::Relaxed);
         }
         anyhow::ensure!(
             page.next == last,
@@ -449,10 +442,7 @@ fn medians(runs: &[Figure]) -> Figure {
         publish_p99_ms: median(|f| f.publish_p99_ms),
         first_p50_ms: median(|f| f.first_p50_ms),
         first_max_ms: median(|f| f.first_max_ms),
-        to_commit_p99_ms: runs
-            .iter()
-            .all(|f| f.to_commit_p99_ms.is_some())
-            .then(|| median(|f| f.to_commit_p99_ms.unwrap_or_default())),
+        to_commit_p99_ms: median_some(runs.iter().map(|f| f.to_commit_p99_ms)),
         secs: median(|f| f.secs),
     }
 }

@@ -22,7 +22,7 @@
 //! Anything else is answered `400` and the connection closed.
 
 use std::{
-    fmt::Write as _,
+    io::Write as _,
     net::SocketAddr,
     sync::{Arc, RwLock},
     thread::JoinHandle,
@@ -38,7 +38,10 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{http1::head_end, raw::event_fields};
+use crate::{
+    http1::{head_end, header_value, query_param},
+    raw::event_fields,
+};
 
 /// Longest request head or publish body read.
 const LONGEST: usize = 8 * 1024;
@@ -173,7 +176,7 @@ async fn connection(mut socket: TcpStream, log: &Log) -> anyhow::Result<()> {
                 poll.answer(log, &mut out).await;
             }
             Some("POST") => {
-                let length: usize = crate::http1::header_value(head, "content-length")
+                let length: usize = header_value(head, "content-length")
                     .and_then(|v| v.parse().ok())
                     .with_context(|| format!("{line}: no content-length"))?;
                 anyhow::ensure!(length <= LONGEST, "{line}: a body over 8 KiB");
@@ -191,7 +194,7 @@ async fn connection(mut socket: TcpStream, log: &Log) -> anyhow::Result<()> {
                 buf.drain(..end + length);
                 let body = format!("{{\"seq\":{seq}}}");
                 let _ = write!(
-                    Out(&mut out),
+                    out,
                     "HTTP/1.1 201 Created\r\ncontent-length: {}\r\n\
                      content-type: application/json\r\n\r\n{body}",
                     body.len()
@@ -226,13 +229,8 @@ impl Poll {
     fn parse(line: &str) -> anyhow::Result<Poll> {
         let target = line.split(' ').nth(1).unwrap_or_default();
         let query = target.split_once('?').map_or("", |(_, q)| q);
-        let param = |name: &str| {
-            query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-        };
         let number = |name: &str, default: u64| -> anyhow::Result<u64> {
-            param(name).map_or(Ok(default), |v| {
+            query_param(query, name).map_or(Ok(default), |v| {
                 v.parse()
                     .with_context(|| format!("{line}: {name} is not a whole number"))
             })
@@ -266,9 +264,9 @@ impl Poll {
                 next += 1;
             }
         }
-        let _ = write!(Out(&mut body), "],\"next\":{next}}}");
+        let _ = write!(body, "],\"next\":{next}}}");
         let _ = write!(
-            Out(out),
+            out,
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\
              etag: \"{next:016x}\"\r\ncache-control: no-cache\r\n\
              date: Tue, 01 Dec 2026 12:00:00 GMT\r\n\r\n",
@@ -299,16 +297,6 @@ impl Log {
         };
         self.last.send_replace(seq);
         Ok(seq)
-    }
-}
-
-/// `fmt::Write` into a byte buffer.
-struct Out<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for Out<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
     }
 }
 

@@ -50,7 +50,7 @@ use tokio::{
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::{
-    http1::header_value,
+    http1::{header_value, query_param},
     server::{
         self, Burst, CpuMark, Drops, Fanout, Firsts, Idle, Msg, Outcome, Server, each_count,
         ensure_all_ran, gather, gather_last_done, gather_latencies, latency_events, mib, now_us,
@@ -192,9 +192,7 @@ async fn connection(
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let param = |name: &str| -> anyhow::Result<f64> {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        query_param(query, name)
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("{line}: no {name}"))
     };

@@ -60,9 +60,15 @@ pub(crate) struct Latencies {
 impl Latencies {
     /// None recorded yet; sent → commit times too when `commit_stamped`.
     pub(crate) fn new(commit_stamped: bool) -> anyhow::Result<Latencies> {
+        Latencies::with_sigfig(commit_stamped, 2)
+    }
+
+    /// [`Latencies::new`], the histograms keeping `sigfig` significant
+    /// digits.
+    pub(crate) fn with_sigfig(commit_stamped: bool, sigfig: u8) -> anyhow::Result<Latencies> {
         Ok(Latencies {
-            received: Histogram::new(2)?,
-            to_commit: commit_stamped.then(|| Histogram::new(2)).transpose()?,
+            received: Histogram::new(sigfig)?,
+            to_commit: commit_stamped.then(|| Histogram::new(sigfig)).transpose()?,
         })
     }
 
@@ -92,7 +98,7 @@ impl Latencies {
 
     /// Adds a client's latencies to these, which must be commit stamped
     /// alike.
-    fn add(&mut self, client: &Latencies) -> anyhow::Result<()> {
+    pub(crate) fn add(&mut self, client: &Latencies) -> anyhow::Result<()> {
         match (&mut self.to_commit, &client.to_commit) {
             (Some(all), Some(one)) => all.add(one)?,
             (None, None) => {}
@@ -109,7 +115,7 @@ impl Latencies {
 
     /// Checks that there is a latency for every one of `delivered`
     /// deliveries, and as many sent → commit times when commit stamped.
-    fn check(&self, delivered: u64) -> anyhow::Result<()> {
+    pub(crate) fn check(&self, delivered: u64) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.received.len() == delivered,
             "recorded {} latencies for {delivered} deliveries",
@@ -1187,8 +1193,7 @@ impl PublisherCpu {
     /// a run's).
     pub(crate) fn medians<R>(runs: &[R], get: fn(&R) -> &PublisherCpu) -> PublisherCpu {
         let of = |field: fn(&PublisherCpu) -> Option<f64>| {
-            let some: Vec<f64> = runs.iter().filter_map(|r| field(get(r))).collect();
-            (!some.is_empty()).then(|| median(&some, |&v| v))
+            median_some(runs.iter().map(|r| field(get(r))))
         };
         PublisherCpu {
             latency_secs: of(|p| p.latency_secs),
@@ -1325,6 +1330,12 @@ pub(crate) fn median<T>(runs: &[T], get: impl Fn(&T) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(get).collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The median of the figures that are there; `None` when none is.
+pub(crate) fn median_some(figures: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let some: Vec<f64> = figures.flatten().collect();
+    (!some.is_empty()).then(|| median(&some, |&v| v))
 }
 
 /// The rounded count of events a latency scenario publishes: `rate` per
